@@ -1,0 +1,1 @@
+"""KServe protocol definitions (see ``ferry.kserve.v2``)."""
