@@ -85,6 +85,7 @@ class RequestOutput:
     num_output_tokens: int  # total so far
     first_token_time: float | None = None  # engine clock
     arrival_time: float | None = None
+    error: str | None = None  # why, when finish_reason is ERROR
 
 
 @dataclass(frozen=True)
