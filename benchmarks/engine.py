@@ -59,7 +59,7 @@ def ferry_decode(engine, batch: list[list[int]], new_tokens: int) -> float:
         result = engine.step()
         dt = time.perf_counter() - t
         produced = sum(len(o.new_token_ids) for o in result.outputs)
-        if result.num_prefill_tokens == 0:
+        if result.num_scheduled_tokens == result.num_scheduled:  # one token each: decode
             decode_time += dt
             decode_tokens += produced
     return decode_tokens / decode_time

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.commands import fetch_model, generate
+from orchestrator.commands import fetch_model, generate, serve
 
 COMMANDS = {
     "generate": generate,
+    "serve": serve,
     "fetch-model": fetch_model,
 }
 

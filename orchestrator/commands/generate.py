@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             "prompt_token_ids": list(prompt_ids),
             "cached_tokens": out.num_cached_tokens,
             "finish_reason": out.finish_reason.value if out.finish_reason else None,
-            "model": built.loaded.name,
+            "model": built.model_name,
         }))
     else:
         print(out.text)

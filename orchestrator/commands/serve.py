@@ -1,0 +1,82 @@
+"""``ferry serve``: run a deployment (see orchestrator/serve.py) until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from orchestrator.frontend.pickers import PICKERS
+from workers.embedded import DEFAULT_MODEL
+from workers.engine.config import EngineConfig
+
+_D = EngineConfig()
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="serve a model: OpenAI HTTP, ferry gRPC and KServe gRPC")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model folder, .gguf file, or embedded name (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="aggregated workers (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--kserve-grpc-port", type=int, default=8002)
+    p.add_argument("--nats-url", default=None,
+                   help="use this NATS (JetStream on); default: start our own nats-server")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster ('auto' or HOST:PORT); default: a local Ray")
+    p.add_argument("--router", default="round_robin", choices=sorted(PICKERS))
+    p.add_argument("--runner", default="torch", choices=["torch", "mocker"],
+                   help="'mocker': timing model without weights (for load tests)")
+    p.add_argument("--block-size", type=int, default=_D.block_size)
+    p.add_argument("--kv-cache-memory-mib", type=int, default=512,
+                   help="KV cache per torch worker in MiB (default 512)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV blocks per worker (overrides --kv-cache-memory-mib)")
+    p.add_argument("--max-num-seqs", type=int, default=_D.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=_D.max_num_batched_tokens)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--print-json", action="store_true",
+                   help="also print the endpoints as one JSON line prefixed 'FERRY_READY '")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.address is None:
+        # Ray reads these when it is imported: a single-machine Ray of ours stays on 127.0.0.1.
+        from orchestrator.ray_cluster import LOCAL_ENV
+
+        for key, value in LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
+    from orchestrator.serve import ServeConfig, run_serve
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        engine = EngineConfig(
+            block_size=args.block_size, num_blocks=args.num_blocks or _D.num_blocks,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len)
+        cfg = ServeConfig(
+            model=args.model, workers=args.workers, host=args.host, http_port=args.http_port,
+            grpc_port=args.grpc_port, kserve_grpc_port=args.kserve_grpc_port,
+            nats_url=args.nats_url, ray_address=args.address, router=args.router,
+            runner=args.runner, engine=engine,
+            kv_cache_bytes=None if args.num_blocks else args.kv_cache_memory_mib * 2**20)
+    except ValueError as exc:
+        print(f"ferry serve: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(endpoints) -> None:
+        print("\n".join(endpoints.lines()), flush=True)
+        if args.print_json:
+            print("FERRY_READY " + endpoints.json(), flush=True)
+        print("ferry: press Ctrl-C to stop", flush=True)
+
+    try:
+        run_serve(cfg, ready)
+    except (ValueError, OSError) as exc:
+        print(f"ferry serve: {exc}", file=sys.stderr)
+        return 1
+    print("ferry: stopped", flush=True)
+    return 0

@@ -1,0 +1,150 @@
+"""``ferry serve``: Ray, NATS, workers and the frontend of one deployment, started and stopped
+together.
+
+Start order: Ray (local, or joined with ``ray_address``) -> nats-server with JetStream (ours
+unless ``nats_url`` is given) -> worker actors (engines built in parallel, each behind its gRPC
+server) -> the frontend in this process (OpenAI HTTP, ferry.v1 gRPC, KServe v2 gRPC), which
+dials every worker. Stop order is the reverse; every step that started something undoes it,
+also when a later step fails, so no nats-server, worker or Ray instance of ours outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator import ray_cluster
+from orchestrator.control_plane import ControlPlane
+from orchestrator.frontend.config import FrontendConfig
+from orchestrator.frontend.core import Frontend
+from orchestrator.frontend.pickers import PICKERS, make_picker
+from orchestrator.frontend.server import FrontendServer
+from orchestrator.nats_server import NatsServer
+from orchestrator.worker_actor import WorkerEndpoint, WorkerSpec
+from workers.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model
+from workers.engine.config import EngineConfig
+from workers.loader.tokenizer_loader import load_model_info
+from workers.mocker.timing import TimingModel
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = DEFAULT_MODEL
+    workers: int = 1
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    kserve_grpc_port: int = 8002
+    nats_url: str | None = None
+    ray_address: str | None = None
+    router: str = "round_robin"
+    runner: str = "torch"  # "mocker": timing model, no weights (the model gives the tokenizer)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    kv_cache_bytes: int | None = 512 * 2**20
+    timing: TimingModel = field(default_factory=TimingModel)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers!r}")
+        if self.router not in PICKERS:
+            raise ValueError(f"--router must be one of {sorted(PICKERS)}, got {self.router!r}")
+        if self.runner not in ("torch", "mocker"):
+            raise ValueError(f"--runner must be 'torch' or 'mocker', got {self.runner!r}")
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    http: str
+    grpc: str
+    kserve_grpc: str
+    nats: str
+    ray: str
+    model: str
+    workers: tuple[WorkerEndpoint, ...]
+
+    def lines(self) -> list[str]:
+        out = [
+            f"ferry: serving model '{self.model}' on {len(self.workers)} worker(s)",
+            f"  OpenAI HTTP   {self.http}/v1   (curl {self.http}/v1/models)",
+            f"  ferry gRPC    {self.grpc}   (service ferry.v1.Ferry)",
+            f"  KServe gRPC   {self.kserve_grpc}   (inference.GRPCInferenceService)",
+            f"  NATS          {self.nats}",
+            f"  Ray           {self.ray}",
+        ]
+        out += [f"  worker {w.worker_id:<8} {w.address}  pid {w.pid}" for w in self.workers]
+        return out
+
+    def json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+def served_name(model: str) -> str:
+    return model if model in EMBEDDED_MODELS else resolve_model(model).name
+
+
+def worker_specs(cfg: ServeConfig, nats_url: str, vocab: int, max_len: int) -> list[WorkerSpec]:
+    return [
+        WorkerSpec(worker_id=f"w{i}", model=cfg.model, served_model_name=served_name(cfg.model),
+                   runner=cfg.runner, engine=cfg.engine, kv_cache_bytes=cfg.kv_cache_bytes,
+                   mocker_vocab_size=vocab, mocker_max_model_len=max_len, timing=cfg.timing,
+                   nats_url=nats_url, host=cfg.host)
+        for i in range(cfg.workers)
+    ]
+
+
+def run_serve(cfg: ServeConfig, on_ready: Callable[[Endpoints], None],
+              stop: asyncio.Event | None = None) -> None:
+    """Run the deployment until SIGINT/SIGTERM (or ``stop`` is set); always cleans up."""
+    info = load_model_info(resolve_model(cfg.model))
+    max_len = cfg.engine.max_model_len or info.config.max_position_embeddings
+    owns_ray = ray_cluster.connect(cfg.ray_address)
+    nats = None
+    plane = None
+    try:
+        if cfg.nats_url is None:
+            nats = NatsServer(host="127.0.0.1").start()
+        nats_url = cfg.nats_url or nats.url
+        plane = ControlPlane()
+        endpoints = plane.start_workers(
+            worker_specs(cfg, nats_url, info.tokenizer.vocab_size, max_len))
+        asyncio.run(_serve_frontend(cfg, info.tokenizer, endpoints, nats_url, on_ready, stop))
+    finally:
+        if plane is not None:
+            plane.stop_all()
+        if nats is not None:
+            nats.stop()
+        if owns_ray:
+            ray_cluster.disconnect()
+
+
+async def _serve_frontend(cfg, tokenizer, workers, nats_url, on_ready, stop) -> None:
+    import ray
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    frontend = Frontend(tokenizer, FrontendConfig(model_name=served_name(cfg.model),
+                                                  max_model_len=cfg.engine.max_model_len),
+                        pick_worker=make_picker(cfg.router))
+    try:
+        for w in workers:
+            await frontend.add_worker(w.worker_id, w.address)
+        server = FrontendServer(frontend, host=cfg.host, http_port=cfg.http_port,
+                                grpc_port=cfg.grpc_port, kserve_port=cfg.kserve_grpc_port)
+        ports = await server.start()
+        try:
+            ray_addr = ray.get_runtime_context().gcs_address
+            on_ready(Endpoints(http=f"http://{cfg.host}:{ports.http}",
+                               grpc=f"{cfg.host}:{ports.grpc}",
+                               kserve_grpc=f"{cfg.host}:{ports.kserve}", nats=nats_url,
+                               ray=ray_addr, model=frontend.model_name, workers=tuple(workers)))
+            await stop.wait()
+        finally:
+            await server.stop()
+    finally:
+        await frontend.close()

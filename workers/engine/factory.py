@@ -1,0 +1,54 @@
+"""Builds a ready torch engine from a model spec (folder, .gguf file, or embedded name)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from workers.embedded import EMBEDDED_MODELS, resolve_model
+from workers.engine.config import EngineConfig
+from workers.engine.engine import LLMEngine
+from workers.engine.model_runner import TorchModelRunner
+from workers.loader import LoadedModel, load_model
+from workers.model.config import ModelConfig
+
+
+@dataclass
+class TorchEngine:
+    engine: LLMEngine
+    loaded: LoadedModel
+    model_name: str  # the name clients use: the embedded name, or the folder / file name
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * block_size * elem
+
+
+def build_torch_engine(
+    model: str,
+    config: EngineConfig | None = None,
+    *,
+    kv_cache_bytes: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> TorchEngine:
+    """Load ``model`` and wrap it in an engine. ``kv_cache_bytes``, when given, sets the number
+    of KV blocks from a memory budget instead of ``config.num_blocks``."""
+    config = config or EngineConfig()
+    loaded = load_model(resolve_model(model), dtype=dtype)
+    if kv_cache_bytes is not None:
+        per_block = kv_bytes_per_block(loaded.config, config.block_size, dtype)
+        num_blocks = kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"a KV cache of {kv_cache_bytes} bytes holds no block of {per_block} bytes; "
+                "give more memory to the KV cache or a smaller block size")
+        config = dataclasses.replace(config, num_blocks=int(num_blocks))
+    runner = TorchModelRunner(loaded.model, config.num_blocks, config.block_size, dtype=dtype,
+                              device=device, max_model_len=config.max_model_len)
+    engine = LLMEngine(runner, config, tokenizer=loaded.tokenizer)
+    name = model if model in EMBEDDED_MODELS else loaded.name
+    return TorchEngine(engine=engine, loaded=loaded, model_name=name)

@@ -1,0 +1,305 @@
+"""One worker process's serving side: the Worker gRPC service and its event publishing.
+
+:class:`WorkerServer` wraps any :class:`~workers.engine.engine.LLMEngine` (torch runner or
+mocker) in an :class:`~workers.server.async_engine.AsyncEngine` and serves
+``ferry.v1.Worker`` on ``host:port`` with grpc.aio (port 0: the OS picks a free port;
+:meth:`WorkerServer.start` returns the bound address).
+
+Event plane (only when ``nats_url`` is set), through
+``workers.server.event_publisher.EventPublisher`` (imported lazily; it connects in the
+background and never blocks serving when NATS is down):
+
+- KV events: the engine thread's ``on_step`` hook queues each step's ``KvEventBatch``; one
+  publisher task on the event loop sends them in step order (so the per-worker ``seq``
+  numbers reach NATS without reordering; the publisher queues and retries them itself).
+- Load: every ``load_report_interval_s`` a task reads the engine's load on the engine thread
+  and publishes a :class:`kvcache.wire.LoadReport` when it changed since the last report, and
+  at least every ``load_heartbeat_s`` anyway (an idle worker stays visible). Timestamps are on
+  the engine's clock, like the KV event batches.
+
+Shutdown (:meth:`WorkerServer.stop`): stop taking calls; give in-flight streams ``grace``
+seconds to finish; then stop the engine, which ends any stream still running with an ABORTED
+error chunk; flush the queued KV events and close the publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import grpc
+
+from ferry.v1 import worker_pb2_grpc
+from kvcache.events import KvEventBatch
+from kvcache.wire import LoadReport
+from workers.engine.engine import LLMEngine, StepResult
+from workers.server.async_engine import AsyncEngine
+from workers.server.worker_service import WorkerService
+
+log = logging.getLogger(__name__)
+
+_WORKER_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class WorkerRole(str, enum.Enum):
+    AGGREGATED = "aggregated"  # prefill and decode in one worker
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """How one worker serves; validated when built (errors say what to change)."""
+
+    worker_id: str
+    model: str  # the served model name (Info.model)
+    role: WorkerRole = WorkerRole.AGGREGATED  # a WorkerRole or its value ("prefill", ...)
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port
+    nats_url: str | None = None  # None: publish no events
+    load_report_interval_s: float = 0.1  # at most one load report per interval
+    load_heartbeat_s: float = 1.0  # a load report at least this often, changed or not
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.worker_id, str) or not _WORKER_ID.fullmatch(self.worker_id):
+            raise ValueError(f"worker_id must be letters, digits, '-' and '_' only (it names "
+                             f"NATS subjects), e.g. 'decode-0'; got {self.worker_id!r}")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be the served model name, got {self.model!r}")
+        try:
+            object.__setattr__(self, "role", WorkerRole(self.role))
+        except ValueError:
+            raise ValueError(f"role must be one of {[r.value for r in WorkerRole]}, "
+                             f"got {self.role!r}") from None
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"host must be an interface address such as '127.0.0.1', "
+                             f"got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) \
+                or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535] (0 picks a free port), got {self.port!r}")
+        if self.nats_url is not None and (not isinstance(self.nats_url, str)
+                                          or "://" not in self.nats_url):
+            raise ValueError(f"nats_url must look like 'nats://127.0.0.1:4222' or be None, "
+                             f"got {self.nats_url!r}")
+        for name in ("load_report_interval_s", "load_heartbeat_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if self.load_heartbeat_s < self.load_report_interval_s:
+            raise ValueError(
+                f"load_heartbeat_s ({self.load_heartbeat_s}) must be >= load_report_interval_s "
+                f"({self.load_report_interval_s})")
+
+
+def build_load_report(worker_id: str, engine: LLMEngine) -> LoadReport:
+    """The engine's load now; call it on the engine thread."""
+    stats = engine.stats()
+    sched, kv = engine.scheduler, engine.kv
+    decode_blocks = 0
+    for rid in sched.running_ids():
+        req = sched.get(rid)
+        if req is not None and req.prefill_done:
+            decode_blocks += len(kv.block_table(rid))
+    return LoadReport(
+        worker_id=worker_id, timestamp=engine.runner.now(), waiting=stats.num_waiting,
+        running=stats.num_running, kv_blocks_used=stats.kv_blocks_used,
+        kv_blocks_total=stats.kv_blocks_total,
+        active_prefill_tokens=stats.num_active_prefill_tokens,
+        active_decode_blocks=decode_blocks)
+
+
+def _same_load(a: LoadReport, b: LoadReport) -> bool:
+    return (a.waiting, a.running, a.kv_blocks_used, a.active_prefill_tokens,
+            a.active_decode_blocks) == (b.waiting, b.running, b.kv_blocks_used,
+                                        b.active_prefill_tokens, b.active_decode_blocks)
+
+
+def _host_port(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6
+    return f"{host}:{port}"
+
+
+def _dial_address(host: str, port: int) -> str:
+    """Where a client on this machine dials a server bound to ``host``."""
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"  # a wildcard bind is reachable on loopback
+    return _host_port(host, port)
+
+
+class _EventForwarder:
+    """Moves KV event batches from the engine thread to the publisher, in order."""
+
+    def __init__(self, publisher, loop: asyncio.AbstractEventLoop) -> None:
+        self._publisher = publisher
+        self._loop = loop
+        self._queue: deque[KvEventBatch] = deque()
+        self._wake = asyncio.Event()
+        self._sleeping = False
+        self._stopping = False
+        self.num_published = 0
+        self.num_failed = 0
+
+    def on_step(self, result: StepResult) -> None:  # engine thread
+        if result.kv_events is None:
+            return
+        self._queue.append(result.kv_events)
+        if self._sleeping:
+            self._sleeping = False
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # loop closed
+                pass
+
+    async def run(self) -> None:
+        while True:
+            self._sleeping = True
+            if not self._queue:
+                if self._stopping:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+            self._sleeping = False
+            while self._queue:
+                batch = self._queue.popleft()
+                try:
+                    await self._publisher.publish_kv(batch)
+                    self.num_published += 1
+                except Exception:  # an encoding bug: logged, the batch is skipped
+                    self.num_failed += 1
+                    log.exception("publishing KV event batch %d failed", batch.seq)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+
+class WorkerServer:
+    """The Worker gRPC server (and event publishing) of one engine."""
+
+    def __init__(self, engine: LLMEngine, config: WorkerConfig) -> None:
+        if not isinstance(engine, LLMEngine):
+            raise TypeError(f"WorkerServer serves an LLMEngine, got {type(engine).__name__}")
+        if not isinstance(config, WorkerConfig):
+            raise TypeError(f"config must be a WorkerConfig, got {type(config).__name__}")
+        self.engine = engine
+        self.config = config
+        self.aengine: AsyncEngine | None = None
+        self.address: str | None = None
+        self._server: grpc.aio.Server | None = None
+        self._publisher = None
+        self._forwarder: _EventForwarder | None = None
+        self._forwarder_task: asyncio.Task | None = None
+        self._load_task: asyncio.Task | None = None
+
+    async def start(self) -> str:
+        """Bind and serve; return the address clients dial ("127.0.0.1:PORT")."""
+        if self._server is not None:
+            raise RuntimeError("this WorkerServer was already started; build a new one")
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        if cfg.nats_url is not None:
+            await self._start_publisher(loop)
+        on_step = self._forwarder.on_step if self._forwarder is not None else None
+        self.aengine = AsyncEngine(self.engine, on_step=on_step)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        worker_pb2_grpc.add_WorkerServicer_to_server(
+            WorkerService(self.aengine, cfg.worker_id, cfg.model, cfg.role.value), server)
+        bind = _host_port(cfg.host, cfg.port)
+        try:
+            port = server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            port = 0
+            log.debug("binding %s failed: %s", bind, exc)
+        if not port:
+            await self._cleanup()
+            raise OSError(f"could not bind the worker's gRPC server to {bind}; choose a free "
+                          "port, or port 0 to let the system pick one")
+        self._server = server
+        await server.start()
+        self.address = _dial_address(cfg.host, port)
+        if self._publisher is not None:
+            self._load_task = loop.create_task(self._report_load())
+        log.info("worker %s serving %s (%s) on %s", cfg.worker_id, cfg.model, cfg.role.value,
+                 self.address)
+        return self.address
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving; in-flight streams get ``grace`` seconds, then end with an error."""
+        server = self._server
+        if server is None:
+            await self._cleanup()
+            return
+        stopping = asyncio.ensure_future(server.stop(None if grace is None else grace + 1.0))
+        if grace is not None:
+            await asyncio.wait({stopping}, timeout=grace)
+        await self._cleanup()  # ends streams still running with a final error chunk
+        await stopping
+        self._server = None
+
+    # ---------------------------------------------------------------- internals
+
+    async def _start_publisher(self, loop: asyncio.AbstractEventLoop) -> None:
+        from workers.server.event_publisher import EventPublisher  # lazy: needs nats-py
+
+        cfg = self.config
+        publisher = EventPublisher(cfg.nats_url, cfg.worker_id)
+        await publisher.connect()  # connects in the background; never fails for NATS down
+        self._publisher = publisher
+        self._forwarder = _EventForwarder(publisher, loop)
+        self._forwarder_task = loop.create_task(self._forwarder.run())
+
+    async def _report_load(self) -> None:
+        cfg, aengine, publisher = self.config, self.aengine, self._publisher
+        last: LoadReport | None = None
+        last_sent = 0.0
+        while True:
+            try:
+                report = await aengine.call(
+                    lambda eng: build_load_report(cfg.worker_id, eng))
+            except RuntimeError:  # engine shut down
+                return
+            now = time.monotonic()
+            if last is None or not _same_load(report, last) \
+                    or now - last_sent >= cfg.load_heartbeat_s:
+                try:
+                    await publisher.publish_load(report)
+                    last, last_sent = report, now
+                except Exception:  # try again next interval
+                    log.exception("publishing the load report failed")
+            await asyncio.sleep(cfg.load_report_interval_s)
+
+    async def _cleanup(self) -> None:
+        if self.aengine is not None:
+            await asyncio.to_thread(self.aengine.shutdown)
+        load_task, self._load_task = self._load_task, None
+        if load_task is not None:
+            load_task.cancel()
+            await asyncio.gather(load_task, return_exceptions=True)
+        forwarder_task, self._forwarder_task = self._forwarder_task, None
+        if forwarder_task is not None:
+            self._forwarder.stop()  # publish what the engine queued, then end
+            try:
+                await asyncio.wait_for(forwarder_task, timeout=5.0)
+            except TimeoutError:
+                log.warning("KV events still unpublished at shutdown were dropped")
+        if self._publisher is not None:
+            try:
+                await self._publisher.close()  # sends what is queued (bounded), disconnects
+            except Exception:
+                log.exception("closing the event publisher failed")
+            self._publisher = None
+
+
+__all__ = ["WorkerConfig", "WorkerRole", "WorkerServer", "build_load_report"]

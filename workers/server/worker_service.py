@@ -1,0 +1,116 @@
+"""The ``ferry.v1.Worker`` gRPC service (grpc.aio) over an :class:`AsyncEngine`.
+
+Generate, as seen from the client (see proto/ferry/v1/worker.proto for the whole protocol):
+
+- a request the worker cannot take as sent fails the call before any chunk with
+  INVALID_ARGUMENT and a message saying what to change (empty prompt, unknown token, bad
+  sampling value, duplicate request id, ...); ``prefill_only`` and ``remote_prefill`` fail with
+  UNIMPLEMENTED (disaggregation is not served by this worker yet);
+- otherwise one chunk per engine step that produced tokens for it (several steps' tokens are
+  merged into one chunk when the client reads slower than the engine writes), the last one
+  with ``finished`` and a finish reason;
+- a failure after the request was accepted (engine step error, shutdown, no KV capacity) is a
+  last chunk with FINISH_REASON_ERROR and ``error`` set, never a broken or hung stream;
+- the client cancelling the call aborts the request: its KV blocks are freed at once.
+
+Abort ends a request on someone's behalf (its stream ends with FINISH_REASON_ABORT); Stats
+reads the engine's counters and runs its integrity self-check on the engine thread, between
+two steps, so the numbers are exact; Info answers the fixed configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from ferry.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from kvcache.manager import PrefixCacheStats
+from workers.engine.engine import EngineStats, LLMEngine
+from workers.engine.types import InvalidRequestError
+from workers.server.async_engine import AsyncEngine
+from workers.server.convert import (
+    chunk_from_output,
+    engine_request_from_proto,
+    role_to_proto,
+    stats_to_proto,
+)
+
+log = logging.getLogger(__name__)
+
+PREFILL_ONLY_UNIMPLEMENTED = (
+    "prefill_only is not supported by this worker yet (disaggregated prefill is not "
+    "implemented); send the request without prefill_only to run it aggregated")
+REMOTE_PREFILL_UNIMPLEMENTED = (
+    "remote_prefill is not supported by this worker yet (pulling KV from a prefill worker is "
+    "not implemented); send the request without remote_prefill to prefill it here")
+
+
+def _engine_snapshot(engine: LLMEngine) -> tuple[EngineStats, PrefixCacheStats, str | None]:
+    """Runs on the engine thread: counters plus the integrity self-check's finding."""
+    detail: str | None = None
+    try:
+        engine.check_integrity()
+    except Exception as exc:  # noqa: BLE001 - AssertionError, or worse: report it
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return engine.stats(), engine.kv.prefix_stats(), detail
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """Serves Generate / Abort / Stats / Info for one engine."""
+
+    def __init__(self, aengine: AsyncEngine, worker_id: str, model: str, role: str) -> None:
+        self._aengine = aengine
+        self._worker_id = worker_id
+        engine = aengine.engine
+        cfg = engine.config
+        self._info = worker_pb2.InfoResponse(
+            worker_id=worker_id, model=model, role=role_to_proto(role),
+            block_size=cfg.block_size, hash_seed=cfg.hash_seed, num_blocks=cfg.num_blocks,
+            max_model_len=engine.max_model_len, vocab_size=engine.vocab_size)
+
+    async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
+                       context: grpc.aio.ServicerContext):
+        if request.prefill_only:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, PREFILL_ONLY_UNIMPLEMENTED)
+        if request.HasField("remote_prefill"):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, REMOTE_PREFILL_UNIMPLEMENTED)
+        try:
+            engine_request = engine_request_from_proto(request)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        stream = self._aengine.generate(engine_request)
+        # The handler may be left suspended when the client goes away; this always runs.
+        context.add_done_callback(lambda _ctx: stream.cancel())
+        try:
+            async for out in stream:
+                yield chunk_from_output(out)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a bug at add time: still a value in the stream
+            log.exception("request %r failed before it started", request.request_id)
+            yield worker_pb2.WorkerGenerateResponse(
+                request_id=request.request_id, finished=True,
+                finish_reason=common_pb2.FINISH_REASON_ERROR,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                error=common_pb2.Error(code=common_pb2.ERROR_CODE_INTERNAL,
+                                       message=f"{type(exc).__name__}: {exc}"))
+
+    async def Abort(self, request: worker_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
+        return worker_pb2.AbortResponse(found=await self._aengine.abort(request.request_id))
+
+    async def Stats(self, request: worker_pb2.StatsRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.StatsResponse:
+        try:
+            stats, prefix, detail = await self._aengine.call(_engine_snapshot)
+        except RuntimeError as exc:  # engine shut down
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return stats_to_proto(self._worker_id, stats, prefix, detail)
+
+    async def Info(self, request: worker_pb2.InfoRequest,
+                   context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:
+        return self._info
+
+
+__all__ = ["PREFILL_ONLY_UNIMPLEMENTED", "REMOTE_PREFILL_UNIMPLEMENTED", "WorkerService"]
