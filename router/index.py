@@ -62,6 +62,7 @@ _F = 65  # width of a hash field
 _FMASK = (1 << _F) - 1
 _KIDS_MASK = _FMASK << _F
 _BITS = 2 * _F  # worker bits start here
+_HELD_MIN = 1 << _BITS  # a block held by some worker has a state at least this
 _MANY = 1  # children field: several children, in PrefixIndex._many
 _PLACEHOLDER = 1  # parent field: unknown
 
@@ -316,51 +317,54 @@ class PrefixIndex:
                 state[p] = s & ~_KIDS_MASK | (many.pop() + 2) << _F
 
     def _store(self, w: _Worker, hashes: Sequence[int], parent: int | None) -> None:
-        # The hot path. A block created here is written once its child is known (`pend`), so
-        # that a fresh chain costs one dict insert a block.
+        # The hot path, tuned: a block created here is written once its child is known
+        # (`pend`), so that a fresh chain costs one dict insert a block; `pdone` (the worker is
+        # complete at the previous block) only changes where a block it already held says so.
         state = self._state
         sget = state.get
         hbit, dbit, both = w.hbit, w.dbit, w.both
         orphans = w.orphans
         if parent is None:
-            pdone = dbit
+            pdone, pfield = dbit, 0
         else:
             ps = sget(parent)
-            pdone = 0 if ps is None else ps & dbit
+            pdone, pfield = (0 if ps is None else ps & dbit), parent + 2
         p = parent
         pend, pend_s = None, 0  # a new block not written yet, and its state
         for h in hashes:
             s = sget(h)
             if s is None:  # a new block: held by this worker only
-                if pdone:
-                    s = both | (0 if p is None else p + 2)
-                else:
-                    s = hbit | (0 if p is None else p + 2)
-                    orphans.add(h)
+                hfield = h + 2
                 if pend is not None:  # the previous block is new too: h is its one child
-                    state[pend] = pend_s | (h + 2) << _F
+                    state[pend] = pend_s | hfield << _F
                 elif p is not None:
                     self._link(p, h)
-                pend, pend_s = h, s
+                if pdone:
+                    pend_s = both | pfield
+                else:
+                    pend_s = hbit | pfield
+                    orphans.add(h)
+                pend, pfield = h, hfield
             else:
                 if pend is not None:  # (only with a chain that contradicts known parents)
                     state[pend] = pend_s
                     pend = None
-                if not s & hbit:
-                    if s & _FMASK == _PLACEHOLDER:  # a placeholder: learn its parent
-                        if p is None:
-                            s &= ~_FMASK
-                        else:
-                            s = s & ~_FMASK | (p + 2)
+                if s & hbit:
+                    pdone = s & dbit
+                else:
+                    if s < _HELD_MIN and s & _FMASK == _PLACEHOLDER:  # learn its parent
+                        s &= ~_FMASK
+                        if p is not None:
+                            s |= p + 2
                             self._link(p, h)
                     if pdone:
-                        state[h] = s = s | both
+                        state[h] = s | both
                         if orphans and s & _KIDS_MASK:
                             self._adopt(w, h)
                     else:
-                        state[h] = s = s | hbit
+                        state[h] = s | hbit
                         orphans.add(h)
-                pdone = s & dbit
+                pfield = h + 2
             p = h
         if pend is not None:
             state[pend] = pend_s

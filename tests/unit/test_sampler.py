@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workers.engine import sampler
 from workers.engine.sampler import sample, sampling_probs
 from workers.engine.types import InvalidRequestError, SamplingParams, ScheduledSeq
 
@@ -66,6 +67,39 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
     assert (probs[0] > 0).tolist() == [True, True, True, False]
     flat = torch.softmax(logits[1] / 2.0, -1)
     assert torch.allclose(probs[1], flat)
+
+
+def reference_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p by a full sort: the definition the sampler must meet."""
+    x = row / params.temperature
+    ordered, order = x.sort(descending=True)
+    keep = torch.ones_like(ordered, dtype=torch.bool)
+    if params.top_k:
+        keep &= ordered >= ordered[min(params.top_k, len(ordered)) - 1]
+    probs = ordered.masked_fill(~keep, float("-inf")).softmax(-1)
+    keep &= (probs.cumsum(-1) - probs) < params.top_p
+    keep[0] = True
+    out = torch.full_like(x, float("-inf"))
+    out[order[keep]] = x[order[keep]]
+    return out.softmax(-1)
+
+
+@pytest.mark.parametrize("candidates", [sampler.CANDIDATES, 3])
+def test_filters_equal_a_full_sort(candidates, monkeypatch):
+    """Mixed rows in one batch; with 3 candidates most top-p sets spill into the full sort."""
+    monkeypatch.setattr(sampler, "CANDIDATES", candidates)
+    logits = logits_batch(6, seed=4) / 2
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=1.2, top_k=5),
+        SamplingParams(temperature=0.5, top_k=7, top_p=0.6),
+        SamplingParams(temperature=2.0, top_p=0.99),
+        SamplingParams(temperature=1.0, top_k=8, top_p=0.3),
+    ]
+    probs = sampling_probs(logits, params)
+    for row, p in enumerate(params):
+        assert torch.allclose(probs[row], reference_probs(logits[row], p), atol=1e-6)
 
 
 def test_seeded_draws_do_not_depend_on_batch_composition():
