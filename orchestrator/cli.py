@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.commands import fetch_model, generate, serve
+from orchestrator.commands import fetch_model, generate, replay, serve
 
 COMMANDS = {
     "generate": generate,
     "serve": serve,
     "fetch-model": fetch_model,
+    "replay": replay,
 }
 
 

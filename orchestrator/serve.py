@@ -4,15 +4,19 @@ together.
 Start order: Ray (local, or joined with ``ray_address``) -> nats-server with JetStream (ours
 unless ``nats_url`` is given) -> worker actors (engines built in parallel, each behind its gRPC
 server) -> the frontend in this process (OpenAI HTTP, ferry.v1 gRPC, KServe v2 gRPC), which
-dials every worker. Stop order is the reverse; every step that started something undoes it,
+dials every worker, with its router (orchestrator/routing/: ``--router kv`` by default, fed by
+the workers' KV events and load reports over NATS; a worker whose block size or hash seed
+differs from the router's is refused and serve fails to start). Stop order is the reverse; every step that started something undoes it,
 also when a later step fails, so no nats-server, worker or Ray instance of ours outlives it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,14 +25,17 @@ from orchestrator import ray_cluster
 from orchestrator.control_plane import ControlPlane
 from orchestrator.frontend.config import FrontendConfig
 from orchestrator.frontend.core import Frontend
-from orchestrator.frontend.pickers import PICKERS, make_picker
 from orchestrator.frontend.server import FrontendServer
 from orchestrator.nats_server import NatsServer
+from orchestrator.routing import RoutingConfig, RoutingService
 from orchestrator.worker_actor import WorkerEndpoint, WorkerSpec
+from router.types import RouterMode
 from workers.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model
 from workers.engine.config import EngineConfig
 from workers.loader.tokenizer_loader import load_model_info
 from workers.mocker.timing import TimingModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class ServeConfig:
     kserve_grpc_port: int = 8002
     nats_url: str | None = None
     ray_address: str | None = None
-    router: str = "round_robin"
+    router: str = RouterMode.KV.value  # kv, approx, round_robin, random
     runner: str = "torch"  # "mocker": timing model, no weights (the model gives the tokenizer)
     engine: EngineConfig = field(default_factory=EngineConfig)
     kv_cache_bytes: int | None = 512 * 2**20
@@ -50,8 +57,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers!r}")
-        if self.router not in PICKERS:
-            raise ValueError(f"--router must be one of {sorted(PICKERS)}, got {self.router!r}")
+        modes = [m.value for m in RouterMode]
+        if self.router not in modes:
+            raise ValueError(f"--router must be one of {modes}, got {self.router!r}")
         if self.runner not in ("torch", "mocker"):
             raise ValueError(f"--runner must be 'torch' or 'mocker', got {self.runner!r}")
 
@@ -121,6 +129,38 @@ def run_serve(cfg: ServeConfig, on_ready: Callable[[Endpoints], None],
             ray_cluster.disconnect()
 
 
+def routing_config(cfg: ServeConfig) -> RoutingConfig:
+    """The frontend's router: ``cfg.router`` mode, the workers' block size and hash seed."""
+    return RoutingConfig(mode=cfg.router, hash_config=cfg.engine.hash_config)
+
+
+@contextlib.asynccontextmanager
+async def serving_frontend(cfg: ServeConfig, tokenizer, workers, nats_url: str | None,
+                           catch_up_s: float = 10.0):
+    """The frontend with its router, every worker registered (a worker the router refuses,
+    e.g. another block size or hash seed, raises ValueError with the reason), the router's
+    index rebuilt from the event stream (waiting at most ``catch_up_s``); closed on exit."""
+    routing = RoutingService(routing_config(cfg), nats_url)
+    frontend = Frontend(tokenizer, FrontendConfig(model_name=served_name(cfg.model),
+                                                  max_model_len=cfg.engine.max_model_len))
+    routing.attach(frontend)
+    try:
+        for w in workers:
+            await frontend.add_worker(w.worker_id, w.address)
+        if not await routing.start(timeout=catch_up_s):
+            log.warning("router: NATS at %s not reachable yet; routing without KV events until "
+                        "it is", nats_url)
+        elif not await routing.catch_up(timeout=catch_up_s):
+            log.warning("router: the KV index did not catch up with the event stream within "
+                        "%.0fs; it goes on catching up while serving", catch_up_s)
+        yield frontend, routing
+    finally:
+        try:
+            await frontend.close()
+        finally:
+            await routing.close()
+
+
 async def _serve_frontend(cfg, tokenizer, workers, nats_url, on_ready, stop) -> None:
     import ray
 
@@ -128,12 +168,7 @@ async def _serve_frontend(cfg, tokenizer, workers, nats_url, on_ready, stop) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    frontend = Frontend(tokenizer, FrontendConfig(model_name=served_name(cfg.model),
-                                                  max_model_len=cfg.engine.max_model_len),
-                        pick_worker=make_picker(cfg.router))
-    try:
-        for w in workers:
-            await frontend.add_worker(w.worker_id, w.address)
+    async with serving_frontend(cfg, tokenizer, workers, nats_url) as (frontend, _):
         server = FrontendServer(frontend, host=cfg.host, http_port=cfg.http_port,
                                 grpc_port=cfg.grpc_port, kserve_port=cfg.kserve_grpc_port)
         ports = await server.start()
@@ -146,5 +181,3 @@ async def _serve_frontend(cfg, tokenizer, workers, nats_url, on_ready, stop) -> 
             await stop.wait()
         finally:
             await server.stop()
-    finally:
-        await frontend.close()

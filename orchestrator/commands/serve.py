@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from orchestrator.frontend.pickers import PICKERS
+from router.types import RouterMode
 from workers.embedded import DEFAULT_MODEL
 from workers.engine.config import EngineConfig
 
@@ -27,10 +27,17 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    help="use this NATS (JetStream on); default: start our own nats-server")
     p.add_argument("--address", default=None,
                    help="join this Ray cluster ('auto' or HOST:PORT); default: a local Ray")
-    p.add_argument("--router", default="round_robin", choices=sorted(PICKERS))
+    p.add_argument("--router", default=RouterMode.KV.value,
+                   choices=[m.value for m in RouterMode],
+                   help="kv: to the worker holding the longest prefix, weighed against load "
+                        "(KV events over NATS); approx: predicted from past routing; "
+                        "round_robin; random (default: %(default)s)")
     p.add_argument("--runner", default="torch", choices=["torch", "mocker"],
                    help="'mocker': timing model without weights (for load tests)")
-    p.add_argument("--block-size", type=int, default=_D.block_size)
+    p.add_argument("--block-size", type=int, default=_D.block_size,
+                   help="tokens per KV block, workers and router alike (default %(default)s)")
+    p.add_argument("--hash-seed", type=int, default=_D.hash_seed,
+                   help="block-hash seed, workers and router alike (default %(default)s)")
     p.add_argument("--kv-cache-memory-mib", type=int, default=512,
                    help="KV cache per torch worker in MiB (default 512)")
     p.add_argument("--num-blocks", type=int, default=None,
@@ -56,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         engine = EngineConfig(
             block_size=args.block_size, num_blocks=args.num_blocks or _D.num_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len)
+            max_model_len=args.max_model_len, hash_seed=args.hash_seed)
         cfg = ServeConfig(
             model=args.model, workers=args.workers, host=args.host, http_port=args.http_port,
             grpc_port=args.grpc_port, kserve_grpc_port=args.kserve_grpc_port,

@@ -51,6 +51,7 @@ from orchestrator.frontend.types import (
     GenerateInput,
     InvalidArgument,
     ModelNotFound,
+    RouteListener,
     RouteRequest,
     StreamError,
     Unavailable,
@@ -90,11 +91,13 @@ class PreparedRequest:
 class Frontend:
     def __init__(self, tokenizer: FrontendTokenizer, config: FrontendConfig, *,
                  pick_worker: WorkerPicker | None = None, pool: WorkerPool | None = None,
-                 metrics: FrontendMetrics | None = None) -> None:
+                 metrics: FrontendMetrics | None = None,
+                 route_listener: RouteListener | None = None) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.pool = pool if pool is not None else WorkerPool(config.worker_timeout_s)
         self.pick_worker: WorkerPicker = pick_worker if pick_worker is not None else RoundRobin()
+        self.route_listener = route_listener  # told about workers and routed requests
         self.metrics = metrics if metrics is not None else FrontendMetrics()
         self.created = int(time.time())
         self._vocab_size = tokenizer.vocab_size
@@ -143,6 +146,11 @@ class Frontend:
             problem = (f"worker {worker_id!r} has max_model_len {info.max_model_len}, less than "
                        f"the frontend's {self.config.max_model_len}; lower the frontend's "
                        "max_model_len or give the worker a longer context")
+        if problem is None and self.route_listener is not None:
+            try:
+                self.route_listener.worker_added(worker_id, info)
+            except ValueError as e:  # e.g. a block size or hash seed the router cannot use
+                problem = str(e)
         if problem is not None:
             await self.pool.remove(worker_id)
             raise ValueError(problem)
@@ -151,6 +159,8 @@ class Frontend:
 
     async def remove_worker(self, worker_id: str) -> bool:
         removed = await self.pool.remove(worker_id)
+        if removed and self.route_listener is not None:
+            self.route_listener.worker_removed(worker_id)
         self.metrics.forget_worker(worker_id)
         self._update_workers()
         return removed
@@ -303,6 +313,8 @@ class Frontend:
     async def _stream(self, prep: PreparedRequest) -> AsyncIterator[GenerateChunk]:
         m = self.metrics
         rid = prep.request_id
+        route_id = prep.worker_request.request_id  # unique across frontend replicas
+        listener = self.route_listener
         detok = IncrementalDetokenizer(self.tokenizer, prep.prompt_token_ids,
                                        stop=prep.sampling.stop)
         n_prompt, n_out, n_cached = len(prep.prompt_token_ids), 0, 0
@@ -327,7 +339,7 @@ class Frontend:
                         ErrorCode.UNAVAILABLE, f"no worker could take the request (tried "
                         f"{', '.join(tried) or 'none'}); retry later"))
                     return
-                worker_id = self.pick_worker(RouteRequest(rid, prep.prompt_token_ids,
+                worker_id = self.pick_worker(RouteRequest(route_id, prep.prompt_token_ids,
                                                           candidates))
                 if worker_id not in self.pool:
                     yield final((), "", FinishReason.ERROR, StreamError(
@@ -348,6 +360,8 @@ class Frontend:
                             else:
                                 m.ttft.observe(now - prep.arrival)
                                 n_cached = msg.num_cached_tokens
+                                if listener is not None:
+                                    listener.first_token(route_id)
                             last = now
                             n_out += len(ids)
                             ids = tuple(ids)
@@ -394,6 +408,8 @@ class Frontend:
                         call.cancel()
         finally:
             m.in_flight.dec()
+            if listener is not None and tried:
+                listener.finished(route_id)
             if not recorded:
                 m.finished(STATUS_CANCELLED, n_prompt, n_out, n_cached)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from workers.engine.types import FinishReason
 
@@ -154,7 +154,9 @@ class Completion:
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
     """What a worker picker sees: the prompt and the workers it may choose from (ready
-    workers, minus those that already refused this request)."""
+    workers, minus those that already refused this request). ``request_id`` is the route id:
+    the worker-side request id, unique across frontend replicas (not the caller's id); a retry
+    on another worker is picked again with the same id."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -163,6 +165,25 @@ class RouteRequest:
 
 class WorkerPicker(Protocol):
     def __call__(self, request: RouteRequest) -> str: ...
+
+
+class RouteListener(Protocol):
+    """Told what the frontend does with workers and routed requests (what a KV-aware router
+    needs besides picking). Called on the frontend's event loop; must not block.
+
+    ``worker_added`` (the worker's ``ferry.v1.InfoResponse``) may raise ValueError to refuse
+    the worker: ``Frontend.add_worker`` then does not add it and raises that error.
+    ``first_token`` and ``finished`` name the request by its route id
+    (``RouteRequest.request_id``); ``finished`` comes once per picked request, however it
+    ended (done, error, cancelled)."""
+
+    def worker_added(self, worker_id: str, info: Any) -> None: ...
+
+    def worker_removed(self, worker_id: str) -> None: ...
+
+    def first_token(self, route_id: str) -> None: ...
+
+    def finished(self, route_id: str) -> None: ...
 
 
 class FrontendTokenizer(Protocol):
@@ -192,6 +213,7 @@ __all__ = [
     "GenerateInput",
     "InvalidArgument",
     "ModelNotFound",
+    "RouteListener",
     "RouteRequest",
     "StreamError",
     "Unavailable",

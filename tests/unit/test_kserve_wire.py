@@ -12,8 +12,9 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-from ferry.kserve.v2 import inference_pb2 as ours
 from google.protobuf import descriptor_pb2, json_format, text_format
+
+from ferry.kserve.v2 import inference_pb2 as ours
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2 as theirs

@@ -15,6 +15,8 @@ from pathlib import Path
 import google.protobuf
 import grpc
 import pytest
+from google.protobuf import descriptor
+
 from ferry.kserve.v2 import inference_pb2
 from ferry.v1 import (
     client_pb2,
@@ -24,7 +26,6 @@ from ferry.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from google.protobuf import descriptor
 
 PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
 V1_MODULES = (common_pb2, client_pb2, worker_pb2, events_pb2)

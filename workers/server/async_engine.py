@@ -11,6 +11,11 @@ Protocol, caller side (an asyncio task on any event loop):
   :class:`~workers.engine.types.RequestOutput` deltas. When the consumer lags, the deltas
   queued for it are coalesced into one (tokens and text concatenated, counters and finish
   state from the newest). The last delta has ``finished`` set, then iteration stops.
+- ``aeng.generate(request, min_interval_s=t)`` paces the stream: after a delta is taken, the
+  next one is held back until ``t`` seconds have passed (what arrives meanwhile is coalesced
+  into it), except the last one, which is delivered as soon as it exists. Streams whose
+  tokens come slower than one per ``t`` are not delayed; fast ones cost fewer messages
+  downstream (a worker sends one gRPC message per delta). The first delta is never held.
 - A request the engine rejects (InvalidRequestError: empty prompt, bad id, ...) raises that
   error from the first ``__anext__``, before any output: nothing was added to the engine.
 - Cancelling the consuming task while it waits, calling :meth:`RequestStream.cancel`, or
@@ -98,18 +103,41 @@ class _Sink:
     consumer dropped is garbage at once and its ``__del__`` aborts the request.
     """
 
-    __slots__ = ("last", "loop", "num_prompt_tokens", "pending", "request_id", "waiter")
+    __slots__ = ("hold_until", "interval", "last", "loop", "num_prompt_tokens", "pending",
+                 "request_id", "timer", "waiter")
 
-    def __init__(self, request: EngineRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request: EngineRequest, loop: asyncio.AbstractEventLoop,
+                 interval: float = 0.0) -> None:
         self.request_id = request.request_id
         self.loop = loop
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.pending: list[Any] = []  # RequestOutput deltas, or one exception (loop thread)
         self.waiter: asyncio.Future | None = None  # the consumer waits on it (loop thread)
         self.last: RequestOutput | None = None  # newest routed output (engine thread)
+        self.interval = interval  # min_interval_s of the stream (loop thread from here on)
+        self.hold_until = 0.0  # loop.time() before which a non-final delta is held back
+        self.timer: asyncio.TimerHandle | None = None  # wakes the waiter at hold_until
+
+    def held(self) -> bool:
+        """Pending deltas exist but must wait for ``hold_until`` (none of them is the last)."""
+        last = self.pending[-1]
+        return (self.hold_until > 0.0 and not isinstance(last, BaseException)
+                and not last.finished and self.loop.time() < self.hold_until)
 
     def push(self, item: Any) -> None:  # loop thread
         self.pending.append(item)
+        if self.waiter is None:
+            return
+        if self.hold_until > 0.0 and self.held():
+            if self.timer is None:
+                self.timer = self.loop.call_at(self.hold_until, self.wake)
+            return
+        self.wake()
+
+    def wake(self) -> None:  # loop thread
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
@@ -137,17 +165,24 @@ class RequestStream:
 
     async def __anext__(self) -> RequestOutput:
         sink = self._sink
-        if not sink.pending:
-            if self._closed:
+        while not sink.pending or (sink.hold_until > 0.0 and sink.held()):
+            if not sink.pending and self._closed:
                 raise StopAsyncIteration
             waiter = sink.loop.create_future()
             sink.waiter = waiter
+            if sink.pending and sink.timer is None:  # held: wake up when the hold ends
+                sink.timer = sink.loop.call_at(sink.hold_until, sink.wake)
             try:
                 await waiter
             except BaseException:  # cancelled consumer (client gone): free the request
                 sink.waiter = None
+                if sink.timer is not None:
+                    sink.timer.cancel()
+                    sink.timer = None
                 self.cancel()
                 raise
+        if sink.interval:
+            sink.hold_until = sink.loop.time() + sink.interval
         items = sink.pending
         sink.pending = []
         first = items[0]
@@ -272,11 +307,16 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- caller side
 
-    def generate(self, request: EngineRequest) -> RequestStream:
-        """Queue ``request``; iterate the returned stream for its outputs."""
+    def generate(self, request: EngineRequest, min_interval_s: float = 0.0) -> RequestStream:
+        """Queue ``request``; iterate the returned stream for its outputs (paced by
+        ``min_interval_s``: see the module docstring)."""
         if not isinstance(request, EngineRequest):
             raise TypeError(f"generate takes an EngineRequest, got {type(request).__name__}")
-        sink = _Sink(request, asyncio.get_running_loop())
+        if isinstance(min_interval_s, bool) or not isinstance(min_interval_s, (int, float)) \
+                or not 0.0 <= min_interval_s < float("inf"):
+            raise ValueError(f"min_interval_s must be a number of seconds >= 0, got "
+                             f"{min_interval_s!r}")
+        sink = _Sink(request, asyncio.get_running_loop(), float(min_interval_s))
         if not self._submit(("add", sink, request)):
             sink.push(_failure(sink.request_id, sink.num_prompt_tokens, None, SHUTDOWN_MESSAGE,
                                "shutdown"))

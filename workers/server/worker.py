@@ -65,6 +65,9 @@ class WorkerConfig:
     nats_url: str | None = None  # None: publish no events
     load_report_interval_s: float = 0.1  # at most one load report per interval
     load_heartbeat_s: float = 1.0  # a load report at least this often, changed or not
+    # Generate streams send at most one chunk per interval (the last one at once); tokens
+    # produced meanwhile share the next chunk. 0: one chunk per engine step.
+    stream_interval_s: float = 0.005
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker_id, str) or not _WORKER_ID.fullmatch(self.worker_id):
@@ -87,6 +90,11 @@ class WorkerConfig:
                                           or "://" not in self.nats_url):
             raise ValueError(f"nats_url must look like 'nats://127.0.0.1:4222' or be None, "
                              f"got {self.nats_url!r}")
+        if isinstance(self.stream_interval_s, bool) \
+                or not isinstance(self.stream_interval_s, (int, float)) \
+                or not 0 <= self.stream_interval_s <= 1:
+            raise ValueError(f"stream_interval_s must be a number of seconds in [0, 1] (0: a "
+                             f"chunk per engine step), got {self.stream_interval_s!r}")
         for name in ("load_report_interval_s", "load_heartbeat_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -211,7 +219,8 @@ class WorkerServer:
         self.aengine = AsyncEngine(self.engine, on_step=on_step)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         worker_pb2_grpc.add_WorkerServicer_to_server(
-            WorkerService(self.aengine, cfg.worker_id, cfg.model, cfg.role.value), server)
+            WorkerService(self.aengine, cfg.worker_id, cfg.model, cfg.role.value,
+                          stream_interval_s=cfg.stream_interval_s), server)
         bind = _host_port(cfg.host, cfg.port)
         try:
             port = server.add_insecure_port(bind)

@@ -6,9 +6,11 @@ Generate, as seen from the client (see proto/ferry/v1/worker.proto for the whole
   INVALID_ARGUMENT and a message saying what to change (empty prompt, unknown token, bad
   sampling value, duplicate request id, ...); ``prefill_only`` and ``remote_prefill`` fail with
   UNIMPLEMENTED (disaggregation is not served by this worker yet);
-- otherwise one chunk per engine step that produced tokens for it (several steps' tokens are
-  merged into one chunk when the client reads slower than the engine writes), the last one
-  with ``finished`` and a finish reason;
+- otherwise one chunk per engine step that produced tokens for it, the last one with
+  ``finished`` and a finish reason; several steps' tokens are merged into one chunk when the
+  client reads slower than the engine writes, and when they come faster than one per
+  ``stream_interval_s`` (a chunk is then held back until that interval has passed since the
+  previous one; the last chunk never is);
 - a failure after the request was accepted (engine step error, shutdown, no KV capacity) is a
   last chunk with FINISH_REASON_ERROR and ``error`` set, never a broken or hung stream;
 - the client cancelling the call aborts the request: its KV blocks are freed at once.
@@ -59,8 +61,10 @@ def _engine_snapshot(engine: LLMEngine) -> tuple[EngineStats, PrefixCacheStats, 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves Generate / Abort / Stats / Info for one engine."""
 
-    def __init__(self, aengine: AsyncEngine, worker_id: str, model: str, role: str) -> None:
+    def __init__(self, aengine: AsyncEngine, worker_id: str, model: str, role: str, *,
+                 stream_interval_s: float = 0.0) -> None:
         self._aengine = aengine
+        self._interval = stream_interval_s
         self._worker_id = worker_id
         engine = aengine.engine
         cfg = engine.config
@@ -79,7 +83,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             engine_request = engine_request_from_proto(request)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        stream = self._aengine.generate(engine_request)
+        stream = self._aengine.generate(engine_request, self._interval)
         # The handler may be left suspended when the client goes away; this always runs.
         context.add_done_callback(lambda _ctx: stream.cancel())
         try:

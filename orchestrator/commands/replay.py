@@ -1,0 +1,116 @@
+"""``ferry replay TRACE.jsonl``: replay a Mooncake trace through the router and workers.
+
+``--offline`` simulates the workers in this process on a virtual clock
+(:mod:`orchestrator.replay.simulator`); without it the trace goes to a live deployment
+(``orchestrator.replay.online.run_online``, imported only then). Prints a table of the
+results; ``--json OUT`` also writes them as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from orchestrator.replay.config import DISAGG_NOT_SUPPORTED, ReplayConfig
+from router.cost import CostConfig
+from router.types import RouterMode
+from workers.mocker.timing import TimingModel
+
+_D = ReplayConfig(trace=Path("-"))
+_T = TimingModel()
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="replay a Mooncake trace (offline simulation or live)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trace", type=Path, help="Mooncake JSONL trace (timestamp ms, input_length, "
+                   "output_length, hash_ids)")
+    p.add_argument("--offline", action="store_true",
+                   help="simulate the workers in-process on a virtual clock (mocker engines)")
+    p.add_argument("--workers", type=int, default=_D.workers,
+                   help="aggregated workers (default %(default)s)")
+    p.add_argument("--prefill-workers", type=int, default=None,
+                   help="disaggregated: prefill workers (with --decode-workers)")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="disaggregated: decode workers (with --prefill-workers)")
+    p.add_argument("--router", default=_D.router.value, choices=[m.value for m in RouterMode],
+                   help="routing mode (default %(default)s)")
+    p.add_argument("--speedup", type=float, default=_D.speedup,
+                   help="divide the trace's arrival times by this (default %(default)s)")
+    p.add_argument("--block-size", type=int, default=_D.block_size,
+                   help="KV block size in tokens (default %(default)s)")
+    p.add_argument("--num-blocks", type=int, default=_D.num_blocks,
+                   help="KV blocks per worker (default %(default)s)")
+    p.add_argument("--max-batched-tokens", "--max-num-batched-tokens", type=int,
+                   dest="max_batched_tokens", default=_D.max_num_batched_tokens,
+                   help="token budget of one engine step (default %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=_D.max_num_seqs,
+                   help="most requests running at once per worker (default %(default)s)")
+    t = p.add_argument_group("timing model (mocker): prefill_ms(T) = a*T^2 + b*T + c, "
+                             "decode_ms(u) = max(1, p*u^2 + q*u + r)")
+    for flag, field_name in (("--prefill-a", "a"), ("--prefill-b", "b"), ("--prefill-c", "c"),
+                             ("--decode-p", "p"), ("--decode-q", "q"), ("--decode-r", "r")):
+        t.add_argument(flag, type=float, default=getattr(_T, field_name),
+                       help="default %(default)s")
+    p.add_argument("--limit", type=int, default=None,
+                   help="replay only the first N requests of the trace")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT",
+                   help="also write the report as one JSON object to OUT")
+    p.add_argument("--seed", type=int, default=_D.seed,
+                   help="router tie-breaks / random picks and mocker sampling (default 0)")
+
+
+def build_config(args: argparse.Namespace) -> ReplayConfig:
+    """The :class:`ReplayConfig` of parsed arguments (ValueError on bad values)."""
+    timing = TimingModel(a=args.prefill_a, b=args.prefill_b, c=args.prefill_c,
+                         p=args.decode_p, q=args.decode_q, r=args.decode_r)
+    return ReplayConfig(
+        trace=args.trace, workers=args.workers, prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers, router=args.router, speedup=args.speedup,
+        block_size=args.block_size, num_blocks=args.num_blocks,
+        max_num_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
+        timing=timing, cost=CostConfig(), limit=args.limit, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = build_config(args)
+        if args.offline:
+            if config.disaggregated:
+                raise ValueError(DISAGG_NOT_SUPPORTED)
+            from orchestrator.replay.simulator import replay_offline
+
+            report = replay_offline(config)
+        else:
+            try:
+                from orchestrator.replay.online import run_online
+            except ModuleNotFoundError as e:
+                if e.name != "orchestrator.replay.online":
+                    raise
+                raise ValueError("online replay isn't available yet; run the simulation "
+                                 "with --offline") from None
+            report = run_online(config)
+    except ValueError as e:
+        print(f"ferry replay: {e}", file=sys.stderr)
+        return 2
+    print(report.format_table())
+    if args.json is not None:
+        obj = report.to_dict()
+        obj["config"] = _config_dict(config)
+        try:
+            args.json.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        except OSError as e:
+            print(f"ferry replay: cannot write {args.json}: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _config_dict(config: ReplayConfig) -> dict:
+    d = asdict(config)
+    d["trace"] = str(config.trace)
+    d["router"] = config.router.value
+    d["cost"] = asdict(config.cost_config)
+    return d

@@ -1,0 +1,12 @@
+"""Trace replay: a Mooncake trace through the router and workers (``ferry replay``).
+
+- :mod:`orchestrator.replay.config`: :class:`ReplayConfig`, what a replay runs with;
+- :mod:`orchestrator.replay.trace_file`: reading the trace;
+- :mod:`orchestrator.replay.simulator`: the offline replay (mocker engines, virtual clock);
+- :mod:`orchestrator.replay.oracle`: the reuse an infinite shared cache would give;
+- :mod:`orchestrator.replay.report`: :class:`ReplayReport`, as a table or JSON;
+- ``orchestrator.replay.online`` (when present): ``run_online(config)`` against a live
+  deployment.
+
+Nothing is imported here, so that ``ferry`` starts fast: import the submodules.
+"""

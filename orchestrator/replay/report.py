@@ -1,0 +1,128 @@
+"""The result of a trace replay: :class:`ReplayReport`, as a table or as one JSON object.
+
+Definitions (times in ms of the replay's clock: virtual for offline, wall for online):
+
+- ``ttft``: first token time minus arrival time, per completed request.
+- ``itl`` (inter-token latency): the gaps between consecutive output tokens of a request
+  after its first, pooled over all requests (a request of n tokens gives n - 1 gaps; tokens
+  that arrive together give gaps of 0).
+- percentiles: linear interpolation between the closest ranks (numpy's default).
+- ``output_tokens_per_s``: output tokens of completed requests over ``duration_s``, the span
+  from the first arrival to the last finish.
+- ``prefix_reuse``: prompt tokens served from the workers' prefix caches (the engines'
+  ``num_cached_tokens``, counted at each request's first schedule) over all prompt tokens of
+  the completed requests.
+- ``oracle_reuse``: the same share for an infinite cache shared by all workers (see
+  :mod:`orchestrator.replay.oracle`): the ceiling any router could reach.
+- ``router``: the router's own view (:class:`~router.types.RouterStats`): full prompt blocks
+  routed, those the chosen worker held as the router knew it, and those any earlier request
+  had; plus how many requests each worker got.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Count, mean and percentiles of one latency, in milliseconds (0 when count is 0)."""
+
+    count: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def of_seconds(cls, values_s: Sequence[float] | np.ndarray) -> LatencySummary:
+        a = np.asarray(values_s, dtype=np.float64) * 1000.0
+        if a.size == 0:
+            return cls(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        return cls(int(a.size), float(a.mean()), float(p50), float(p90), float(p99),
+                   float(a.max()))
+
+
+@dataclass(frozen=True)
+class RouterSummary:
+    requests: int
+    prompt_blocks: int
+    hit_blocks: int
+    achievable_hit_blocks: int
+    hit_rate: float
+    achievable_hit_rate: float
+    requests_per_worker: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    mode: str  # "offline" or "online"
+    router: str
+    workers: int
+    speedup: float
+    requests: int  # sent
+    completed: int  # finished with all their output tokens
+    failed: int  # refused or ended with an error
+    duration_s: float
+    ttft: LatencySummary
+    itl: LatencySummary
+    e2e: LatencySummary
+    prompt_tokens: int  # of the completed requests
+    cached_tokens: int
+    output_tokens: int
+    output_tokens_per_s: float
+    prefix_reuse: float
+    oracle_hit_tokens: int
+    oracle_reuse: float
+    preemptions: int
+    router_stats: RouterSummary
+    wall_s: float  # real seconds the replay took
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def format_table(self) -> str:
+        """A human-readable table of the headline figures."""
+        t, i, r = self.ttft, self.itl, self.router_stats
+        per = r.requests_per_worker
+        spread = f"{min(per.values())}..{max(per.values())}" if per else "-"
+        rows = [
+            ("replay", f"{self.mode}, router {self.router}, {self.workers} workers, "
+                       f"speedup {_num(self.speedup)}"),
+            ("requests", f"{self.completed} completed of {self.requests}"
+                         + (f" ({self.failed} failed)" if self.failed else "")),
+            ("duration", f"{self.duration_s:.1f} s (replayed in {self.wall_s:.1f} s)"),
+            ("TTFT mean / p50 / p99", f"{t.mean_ms:.1f} / {t.p50_ms:.1f} / {t.p99_ms:.1f} ms"),
+            ("ITL mean / p99", f"{i.mean_ms:.2f} / {i.p99_ms:.2f} ms"),
+            ("E2E mean / p99", f"{self.e2e.mean_ms:.1f} / {self.e2e.p99_ms:.1f} ms"),
+            ("output tokens/s", f"{self.output_tokens_per_s:.1f}"),
+            ("prefix reuse", f"{_pct(self.prefix_reuse)} of {self.prompt_tokens} prompt tokens"),
+            ("oracle reuse", f"{_pct(self.oracle_reuse)} (infinite shared cache)"),
+            ("router hit / achievable", f"{_pct(r.hit_rate)} / {_pct(r.achievable_hit_rate)} "
+                                        f"of {r.prompt_blocks} blocks"),
+            ("requests per worker", spread),
+            ("preemptions", str(self.preemptions)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.1f} %"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"
+
+
+__all__ = ["LatencySummary", "ReplayReport", "RouterSummary"]
