@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from kvcache.block_pool import BlockPool, blocks_needed
 from kvcache.events import KvEventBatch
 from kvcache.hashing import BlockHashConfig, hash_blocks
+from kvcache.holds import BlockHolds, PinnedBlocks
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class KVCacheManager:
         self.block_size = hash_config.block_size
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.pool = BlockPool(num_blocks, hash_config.block_size, self.enable_prefix_caching)
+        self.holds = BlockHolds(self.pool)  # pins for KV handles, reservations for imports
         self._reqs: dict[str, _RequestBlocks] = {}
         self._hashes: dict[str, list[int]] = {}
         self._num_requests = 0
@@ -175,6 +177,29 @@ class KVCacheManager:
         if state is not None:
             self.pool.release(reversed(state.blocks))
 
+    # ---------------------------------------------------------------- disaggregation
+
+    def pin_prompt(self, request_id: str, prompt_token_ids: Sequence[int]) -> PinnedBlocks:
+        """Pin the full prompt blocks of a request that still holds its blocks (call before
+        :meth:`free`); see :mod:`kvcache.holds`. With prefix caching off nothing is hashed,
+        so nothing is pinned."""
+        self._state(request_id)
+        n = len(prompt_token_ids) // self.block_size if self.enable_prefix_caching else 0
+        hashes = self._ensure_hashes(request_id, prompt_token_ids, n) if n else []
+        return self.holds.pin(request_id, hashes[:n], self.block_size)
+
+    def cached_prefix_blocks(self, block_hashes: Sequence[int]) -> int:
+        """How many leading ``block_hashes`` the pool holds now (cached or in use)."""
+        if not self.enable_prefix_caching:
+            return 0
+        lookup = self.pool.lookup
+        n = 0
+        for h in block_hashes:
+            if lookup(h) is None:
+                break
+            n += 1
+        return n
+
     def reset_prefix_cache(self) -> bool:
         """Drop all cached blocks; False (nothing changed) while a cached block is in use."""
         return self.pool.reset_prefix_cache()
@@ -220,6 +245,7 @@ class KVCacheManager:
         self.pool.check_integrity()
         holders: Counter[int] = Counter()
         bs = self.block_size
+        holders.update(self.holds.all_blocks())
         for rid, state in self._reqs.items():
             holders.update(state.blocks)
             if state.table != tuple(state.blocks):
@@ -241,7 +267,7 @@ class KVCacheManager:
             if self.pool.ref_count(block_id) != holders[block_id]:
                 raise AssertionError(
                     f"block {block_id} has ref {self.pool.ref_count(block_id)} but "
-                    f"{holders[block_id]} request(s) hold it"
+                    f"{holders[block_id]} request(s) and hold(s) hold it"
                 )
 
     # ---------------------------------------------------------------- internals

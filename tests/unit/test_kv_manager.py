@@ -314,5 +314,5 @@ def test_check_integrity_catches_a_reference_taken_outside_the_manager():
     m = make()
     admit(m, "a", list(range(9)))
     m.pool.acquire([1])
-    with pytest.raises(AssertionError, match=r"block 1 has ref 2 but 1 request\(s\) hold it"):
+    with pytest.raises(AssertionError, match=r"block 1 has ref 2 but 1 request\(s\) and hold\(s\) hold it"):
         m.check_integrity()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from kvcache.block_pool import blocks_needed
 from kvcache.events import KvEventBatch
+from kvcache.holds import PinnedBlocks
 from kvcache.manager import KVCacheManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
@@ -79,6 +80,7 @@ class FinalOutput:
     finish_time: float
     arrival_time: float | None = None
     error: str | None = None
+    pinned: PinnedBlocks | None = None  # pin_prompt requests (see EngineRequest)
 
 
 class _Tracked:
@@ -199,6 +201,7 @@ class LLMEngine:
                         num_prompt_tokens=out.num_prompt_tokens,
                         num_cached_tokens=out.num_cached_tokens,
                         first_token_time=out.first_token_time,
+                        pinned=out.pinned,
                         finish_time=self.runner.now(),
                         arrival_time=out.arrival_time,
                         error=out.error,
@@ -310,6 +313,7 @@ class LLMEngine:
             first_token_time=req.first_token_time,
             arrival_time=req.arrival_time,
             error=req.error if reason is FinishReason.ERROR else None,
+            pinned=req.pinned if reason is not None else None,
         )
 
 

@@ -42,6 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvcache.block_pool import blocks_needed
+from kvcache.holds import PinnedBlocks
 from kvcache.manager import KVCacheManager
 from workers.engine.config import EngineConfig
 from workers.engine.types import (
@@ -72,6 +73,8 @@ class SchedRequest:
         "num_computed_tokens",
         "num_preemptions",
         "order",
+        "pin_prompt",
+        "pinned",
         "prefill_done",
         "prompt_token_ids",
         "request_id",
@@ -94,6 +97,8 @@ class SchedRequest:
         self.first_token_time: float | None = None
         self.prefill_done = False  # sampled since its last (re)admission
         self.num_preemptions = 0
+        self.pin_prompt = request.pin_prompt
+        self.pinned: PinnedBlocks | None = None  # set at finish when pin_prompt
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -330,8 +335,10 @@ class Scheduler:
         for r in self._requests.values():
             if len(r.all_token_ids) > self.max_model_len:
                 raise AssertionError(f"request {r.request_id!r} is longer than max_model_len")
-        if not self._running and kv.num_used_blocks != 0:
-            raise AssertionError(f"{kv.num_used_blocks} KV blocks in use with nothing running")
+        held = kv.holds.num_blocks()  # pinned for handles, reserved for imports
+        if not self._running and kv.num_used_blocks != held:
+            raise AssertionError(f"{kv.num_used_blocks - held} KV blocks in use with nothing "
+                                 "running (besides holds)")
 
     # ---------------------------------------------------------------- internals
 
@@ -373,7 +380,11 @@ class Scheduler:
         self._waiting.appendleft(req)
 
     def _finish(self, req: SchedRequest, reason: FinishReason, error: str | None = None) -> None:
-        """Mark finished and free (the caller took it out of its queue)."""
+        """Mark finished and free (the caller took it out of its queue); a ``pin_prompt``
+        request that ends normally pins its full prompt blocks first."""
+        if req.pin_prompt and reason in (FinishReason.STOP, FinishReason.LENGTH) \
+                and self.kv.has_request(req.request_id):
+            req.pinned = self.kv.pin_prompt(req.request_id, req.prompt_token_ids)
         self.kv.free(req.request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kvcache.holds import PinnedBlocks
+
 
 class InvalidRequestError(ValueError):
     """A request the caller must change before it can run (maps to HTTP 400 / INVALID_ARGUMENT)."""
@@ -62,6 +64,9 @@ class EngineRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float | None = None  # on the engine's clock; None: now
+    # Disaggregation, prefill side: when the request finishes (not aborted, no error), pin its
+    # full prompt blocks (kvcache.holds) and report them on the last output (``pinned``).
+    pin_prompt: bool = False
 
 
 class FinishReason(str, enum.Enum):
@@ -86,6 +91,7 @@ class RequestOutput:
     first_token_time: float | None = None  # engine clock
     arrival_time: float | None = None
     error: str | None = None  # why, when finish_reason is ERROR
+    pinned: PinnedBlocks | None = None  # last output of a pin_prompt request (see EngineRequest)
 
 
 @dataclass(frozen=True)
