@@ -3,7 +3,8 @@ together.
 
 Start order: Ray (local, or joined with ``ray_address``) -> nats-server with JetStream (ours
 unless ``nats_url`` is given) -> worker actors (engines built in parallel, each behind its gRPC
-server) -> the frontend in this process (OpenAI HTTP, ferry.v1 gRPC, KServe v2 gRPC), which
+server; ``workers`` aggregated ones ``w0, w1, ...``, or ``prefill_workers`` prefill ones
+``p0, ...`` and ``decode_workers`` decode ones ``d0, ...`` for a disaggregated deployment) -> the frontend in this process (OpenAI HTTP, ferry.v1 gRPC, KServe v2 gRPC), which
 dials every worker, with its router (orchestrator/routing/: ``--router kv`` by default, fed by
 the workers' KV events and load reports over NATS; a worker whose block size or hash seed
 differs from the router's is refused and serve fails to start). Stop order is the reverse; every step that started something undoes it,
@@ -29,6 +30,7 @@ from orchestrator.frontend.server import FrontendServer
 from orchestrator.nats_server import NatsServer
 from orchestrator.routing import RoutingConfig, RoutingService
 from orchestrator.worker_actor import WorkerEndpoint, WorkerSpec
+from router.disagg import DisaggConfig
 from router.types import RouterMode
 from workers.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model
 from workers.engine.config import EngineConfig
@@ -53,10 +55,30 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     kv_cache_bytes: int | None = 512 * 2**20
     timing: TimingModel = field(default_factory=TimingModel)
+    # Disaggregated: this many prefill and decode workers instead of ``workers`` aggregated ones.
+    prefill_workers: int = 0
+    decode_workers: int = 0
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)  # local or remote prefill
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers!r}")
+        for name in ("prefill_workers", "decode_workers"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {n!r}")
+        if self.prefill_workers or self.decode_workers:
+            if not (self.prefill_workers and self.decode_workers):
+                raise ValueError(
+                    f"a disaggregated deployment needs prefill and decode workers: give both "
+                    f"--prefill-workers and --decode-workers (at least 1 each; got "
+                    f"{self.prefill_workers} and {self.decode_workers}), or --workers N alone "
+                    f"for aggregated workers")
+            if self.workers != 1:
+                raise ValueError("give either --workers N (aggregated workers) or "
+                                 "--prefill-workers P --decode-workers D (disaggregated), not both")
+        if not isinstance(self.disagg, DisaggConfig):
+            raise TypeError(f"disagg must be a DisaggConfig, got {type(self.disagg).__name__}")
         modes = [m.value for m in RouterMode]
         if self.router not in modes:
             raise ValueError(f"--router must be one of {modes}, got {self.router!r}")
@@ -75,15 +97,21 @@ class Endpoints:
     workers: tuple[WorkerEndpoint, ...]
 
     def lines(self) -> list[str]:
+        roles = [w.role for w in self.workers]
+        if "prefill" in roles or "decode" in roles:
+            on = f"{roles.count('prefill')} prefill + {roles.count('decode')} decode workers"
+        else:
+            on = f"{len(self.workers)} worker(s)"
         out = [
-            f"ferry: serving model '{self.model}' on {len(self.workers)} worker(s)",
+            f"ferry: serving model '{self.model}' on {on}",
             f"  OpenAI HTTP   {self.http}/v1   (curl {self.http}/v1/models)",
             f"  ferry gRPC    {self.grpc}   (service ferry.v1.Ferry)",
             f"  KServe gRPC   {self.kserve_grpc}   (inference.GRPCInferenceService)",
             f"  NATS          {self.nats}",
             f"  Ray           {self.ray}",
         ]
-        out += [f"  worker {w.worker_id:<8} {w.address}  pid {w.pid}" for w in self.workers]
+        out += [f"  worker {w.worker_id:<8} {w.address}  pid {w.pid}"
+                + ("" if w.role == "aggregated" else f"  ({w.role})") for w in self.workers]
         return out
 
     def json(self) -> str:
@@ -94,13 +122,21 @@ def served_name(model: str) -> str:
     return model if model in EMBEDDED_MODELS else resolve_model(model).name
 
 
+def worker_roles(cfg: ServeConfig) -> list[tuple[str, str]]:
+    """(worker id, role) of every worker the deployment starts."""
+    if cfg.prefill_workers:
+        return [(f"p{i}", "prefill") for i in range(cfg.prefill_workers)] \
+            + [(f"d{i}", "decode") for i in range(cfg.decode_workers)]
+    return [(f"w{i}", "aggregated") for i in range(cfg.workers)]
+
+
 def worker_specs(cfg: ServeConfig, nats_url: str, vocab: int, max_len: int) -> list[WorkerSpec]:
     return [
-        WorkerSpec(worker_id=f"w{i}", model=cfg.model, served_model_name=served_name(cfg.model),
+        WorkerSpec(worker_id=worker_id, model=cfg.model, served_model_name=served_name(cfg.model),
                    runner=cfg.runner, engine=cfg.engine, kv_cache_bytes=cfg.kv_cache_bytes,
                    mocker_vocab_size=vocab, mocker_max_model_len=max_len, timing=cfg.timing,
-                   nats_url=nats_url, host=cfg.host)
-        for i in range(cfg.workers)
+                   nats_url=nats_url, host=cfg.host, role=role)
+        for worker_id, role in worker_roles(cfg)
     ]
 
 
@@ -130,8 +166,9 @@ def run_serve(cfg: ServeConfig, on_ready: Callable[[Endpoints], None],
 
 
 def routing_config(cfg: ServeConfig) -> RoutingConfig:
-    """The frontend's router: ``cfg.router`` mode, the workers' block size and hash seed."""
-    return RoutingConfig(mode=cfg.router, hash_config=cfg.engine.hash_config)
+    """The frontend's router: ``cfg.router`` mode, the workers' block size and hash seed, and
+    the disaggregation thresholds."""
+    return RoutingConfig(mode=cfg.router, hash_config=cfg.engine.hash_config, disagg=cfg.disagg)
 
 
 @contextlib.asynccontextmanager

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from workers.engine.config import EngineConfig
 from workers.mocker.timing import TimingModel
 
+ROLES = ("aggregated", "prefill", "decode")  # the values of workers.server.worker.WorkerRole
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -33,10 +35,13 @@ class WorkerSpec:
     nats_url: str | None = None
     host: str = "127.0.0.1"
     torch_threads: int | None = None
+    role: str = "aggregated"  # "aggregated", "prefill" or "decode" (WorkerConfig.role)
 
     def __post_init__(self) -> None:
         if self.runner not in ("torch", "mocker"):
             raise ValueError(f"runner must be 'torch' or 'mocker', got {self.runner!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {list(ROLES)}, got {self.role!r}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class WorkerEndpoint:
     hash_seed: int
     num_blocks: int
     max_model_len: int
+    role: str = "aggregated"
 
 
 def build_engine(spec: WorkerSpec):
@@ -81,14 +87,15 @@ class WorkerActor:
         from workers.server.worker import WorkerConfig, WorkerServer
 
         config = WorkerConfig(worker_id=self.spec.worker_id, model=self.spec.served_model_name,
-                              host=self.spec.host, port=0, nats_url=self.spec.nats_url)
+                              role=self.spec.role, host=self.spec.host, port=0,
+                              nats_url=self.spec.nats_url)
         self.server = WorkerServer(self.engine, config)
         address = await self.server.start()
         cfg = self.engine.config
         return WorkerEndpoint(worker_id=self.spec.worker_id, address=address, pid=os.getpid(),
                               block_size=cfg.block_size, hash_seed=cfg.hash_seed,
                               num_blocks=cfg.num_blocks,
-                              max_model_len=self.engine.max_model_len)
+                              max_model_len=self.engine.max_model_len, role=self.spec.role)
 
     async def ping(self) -> int:
         return os.getpid()

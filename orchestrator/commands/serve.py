@@ -7,18 +7,34 @@ import logging
 import os
 import sys
 
+from router.disagg import DisaggConfig
 from router.types import RouterMode
 from workers.embedded import DEFAULT_MODEL
 from workers.engine.config import EngineConfig
 
 _D = EngineConfig()
+_DG = DisaggConfig()
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="serve a model: OpenAI HTTP, ferry gRPC and KServe gRPC")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="model folder, .gguf file, or embedded name (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="aggregated workers (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="aggregated workers (default 1)")
+    p.add_argument("--prefill-workers", type=int, default=0, metavar="P",
+                   help="disaggregated: P prefill workers (with --decode-workers, instead of "
+                        "--workers)")
+    p.add_argument("--decode-workers", type=int, default=0, metavar="D",
+                   help="disaggregated: D decode workers")
+    p.add_argument("--max-local-prefill-tokens", type=int,
+                   default=_DG.max_local_prefill_tokens, metavar="N",
+                   help="disaggregated: prefill on the decode worker when at most N prompt "
+                        "tokens are not cached there (default %(default)s)")
+    p.add_argument("--max-prefill-queue-tokens", type=int,
+                   default=_DG.max_prefill_queue_tokens, metavar="N",
+                   help="disaggregated: prefill on the decode worker while the prefill workers "
+                        "have more than N prompt tokens queued each (0: no limit; default "
+                        "%(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--grpc-port", type=int, default=8001)
@@ -60,12 +76,19 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
+        if args.workers is not None and (args.prefill_workers or args.decode_workers):
+            raise ValueError("give either --workers N (aggregated workers) or --prefill-workers P "
+                             "--decode-workers D (disaggregated), not both")
+        disagg = DisaggConfig(max_local_prefill_tokens=args.max_local_prefill_tokens,
+                              max_prefill_queue_tokens=args.max_prefill_queue_tokens or None)
         engine = EngineConfig(
             block_size=args.block_size, num_blocks=args.num_blocks or _D.num_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, hash_seed=args.hash_seed)
         cfg = ServeConfig(
-            model=args.model, workers=args.workers, host=args.host, http_port=args.http_port,
+            model=args.model, workers=1 if args.workers is None else args.workers,
+            prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+            disagg=disagg, host=args.host, http_port=args.http_port,
             grpc_port=args.grpc_port, kserve_grpc_port=args.kserve_grpc_port,
             nats_url=args.nats_url, ray_address=args.address, router=args.router,
             runner=args.runner, engine=engine,

@@ -33,6 +33,7 @@ import grpc
 
 from ferry.v1 import common_pb2, worker_pb2
 from orchestrator.frontend.config import FrontendConfig
+from orchestrator.frontend.disagg import DisaggPath
 from orchestrator.frontend.metrics import (
     STATUS_ABORTED,
     STATUS_CANCELLED,
@@ -99,6 +100,9 @@ class Frontend:
         self.pick_worker: WorkerPicker = pick_worker if pick_worker is not None else RoundRobin()
         self.route_listener = route_listener  # told about workers and routed requests
         self.metrics = metrics if metrics is not None else FrontendMetrics()
+        # Prefill / decode workers registered: requests take the two-hop path (disagg.py).
+        self.disagg = DisaggPath(self.pool, self.metrics, lambda: self.pick_worker,
+                                 config.worker_timeout_s)
         self.created = int(time.time())
         self._vocab_size = tokenizer.vocab_size
         self._eos = tuple(tokenizer.eos_token_ids)
@@ -172,6 +176,7 @@ class Frontend:
         self.metrics.ready_workers.set(self.num_ready_workers)
 
     def _update_workers(self) -> None:
+        self.disagg.refresh()
         lens = [h.info.max_model_len for h in self.pool.handles() if h.info.max_model_len]
         self._workers_max_len = min(lens) if lens else None
         self.metrics.ready_workers.set(self.num_ready_workers)
@@ -219,7 +224,8 @@ class Frontend:
         return await collect(await self.generate(inp))
 
     async def close(self) -> None:
-        """Close every worker channel."""
+        """Close every worker channel (after the KV handle releases still running)."""
+        await self.disagg.close()
         await self.pool.close()
 
     def prepare(self, inp: GenerateInput) -> PreparedRequest:
@@ -332,6 +338,9 @@ class Frontend:
         try:
             while True:
                 candidates = self.pool.ready_ids
+                disagg = self.disagg.active
+                if disagg:  # prefill workers never take a request themselves
+                    candidates = self.disagg.decode_candidates(candidates)
                 if tried:
                     candidates = tuple(w for w in candidates if w not in tried)
                 if not candidates:
@@ -339,8 +348,11 @@ class Frontend:
                         ErrorCode.UNAVAILABLE, f"no worker could take the request (tried "
                         f"{', '.join(tried) or 'none'}); retry later"))
                     return
-                worker_id = self.pick_worker(RouteRequest(route_id, prep.prompt_token_ids,
-                                                          candidates))
+                route = RouteRequest(route_id, prep.prompt_token_ids, candidates)
+                if disagg:  # the hook: a decode worker and maybe a prefill hop before it
+                    worker_id, call = self.disagg.open(prep, route)
+                else:
+                    worker_id, call = self.pick_worker(route), None
                 if worker_id not in self.pool:
                     yield final((), "", FinishReason.ERROR, StreamError(
                         ErrorCode.INTERNAL, f"the worker picker chose {worker_id!r}, which is "
@@ -348,7 +360,8 @@ class Frontend:
                     return
                 tried.append(worker_id)
                 can_retry = len(tried) < self.config.max_attempts
-                call = self.pool.get(worker_id).stub.Generate(prep.worker_request)
+                if call is None:
+                    call = self.pool.get(worker_id).stub.Generate(prep.worker_request)
                 ended = False  # the worker's stream is over: nothing to cancel
                 try:
                     async for msg in call:

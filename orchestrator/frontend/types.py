@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from router.disagg import DisaggReason
 from workers.engine.types import FinishReason
 
 
@@ -167,6 +168,37 @@ class WorkerPicker(Protocol):
     def __call__(self, request: RouteRequest) -> str: ...
 
 
+@dataclass(frozen=True, slots=True)
+class DisaggPlan:
+    """Where one request of a disaggregated deployment goes: ``decode_worker`` streams its
+    tokens; ``prefill_worker`` (None: the decode worker prefills locally) first computes its
+    prompt and first token. ``reason`` says why (a ``/metrics`` label)."""
+
+    decode_worker: str
+    prefill_worker: str | None
+    reason: DisaggReason
+
+
+class DisaggPlanner(Protocol):
+    """What the frontend asks of a router when prefill and decode workers are registered
+    (``orchestrator.frontend.disagg``). Called on the frontend's event loop; must not block.
+
+    ``plan_disagg`` places a request: ``request.candidates`` are the ready decode workers not
+    tried yet (the decode worker must be one of them), ``prefill_candidates`` the ready prefill
+    workers (the prefill worker, if any, must be one of them). ``decode_started``: a remote
+    request's decode worker produced its first tokens (it took the handle).
+    ``prefill_failed``: a remote request's prefill worker failed; its decode worker prefills
+    locally now. The RouteListener's ``first_token`` (the first token, from whichever worker)
+    and ``finished`` (once per planned request) come as for any request."""
+
+    def plan_disagg(self, request: RouteRequest, prefill_candidates: tuple[str, ...]
+                    ) -> DisaggPlan: ...
+
+    def decode_started(self, route_id: str) -> None: ...
+
+    def prefill_failed(self, route_id: str) -> None: ...
+
+
 class RouteListener(Protocol):
     """Told what the frontend does with workers and routed requests (what a KV-aware router
     needs besides picking). Called on the frontend's event loop; must not block.
@@ -205,6 +237,8 @@ class FrontendTokenizer(Protocol):
 __all__ = [
     "ChatMessage",
     "Completion",
+    "DisaggPlan",
+    "DisaggPlanner",
     "ErrorCode",
     "FinishReason",
     "FrontendError",

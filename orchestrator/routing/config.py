@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kvcache.hashing import BlockHashConfig
 from router.cost import CostConfig
+from router.disagg import DisaggConfig
 from router.types import RouterMode
 
 _REPLICA_ID = re.compile(r"[A-Za-z0-9_-]+")
@@ -44,6 +45,8 @@ class RoutingConfig:
     - ``repair_timeout_s``: deadline of one JetStream replay when repairing a gap.
     - ``track_achievable``: keep the set of every block hash routed for the achievable hit
       rate of :meth:`router.Router.stats` (memory grows with the distinct blocks seen).
+    - ``disagg``: when prefill and decode workers are registered, when a prompt is prefilled
+      on the decode worker instead of a prefill worker (:class:`router.disagg.DisaggConfig`).
     """
 
     mode: RouterMode = RouterMode.KV
@@ -56,6 +59,7 @@ class RoutingConfig:
     replica_id: str | None = None
     repair_timeout_s: float = 5.0
     track_achievable: bool = True
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -68,8 +72,10 @@ class RoutingConfig:
                             f"{type(self.hash_config).__name__}")
         if not isinstance(self.cost, CostConfig):
             raise TypeError(f"cost must be a CostConfig, got {type(self.cost).__name__}")
+        if not isinstance(self.disagg, DisaggConfig):
+            raise TypeError(f"disagg must be a DisaggConfig, got {type(self.disagg).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")  # noqa: TRY004
         _seconds("load_grace_s", self.load_grace_s, "e.g. 0.5", zero_ok=True)
         _seconds("approx_ttl_s", self.approx_ttl_s, "e.g. 120")
         _seconds("repair_timeout_s", self.repair_timeout_s, "e.g. 5")

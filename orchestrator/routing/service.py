@@ -19,6 +19,16 @@ Wiring (:meth:`RoutingService.attach`): the frontend's ``pick_worker`` becomes
 - the frontend's stream calls :meth:`first_token` (-> ``router.on_prefill_done``) and
   :meth:`finished` (-> ``router.on_finished``; every ending: done, error, cancelled).
 
+Disaggregated deployments: every worker registers with its role (``InfoResponse.role``:
+prefill, decode, aggregated; unset counts as aggregated) through a
+:class:`router.disagg.DisaggRouter` over the same router (``self.disagg``). Once prefill or
+decode workers are registered the frontend plans each request with :meth:`plan_disagg` (its
+``DisaggPlanner``) instead of :meth:`pick`: a decode worker among its candidates and, when the
+prompt is prefilled remotely, a prefill worker (see :mod:`router.disagg`);
+:meth:`first_token`, :meth:`decode_started`, :meth:`prefill_failed` and :meth:`finished` keep
+both hops' in-flight entries right, and are shared with the other replicas like any entry.
+Aggregated deployments route exactly as before (:meth:`pick`).
+
 Feeds, by mode (:class:`~orchestrator.routing.config.RoutingConfig`):
 
 - ``kv``: KV event batches and load reports through :class:`~orchestrator.routing.kv_feed.
@@ -42,21 +52,24 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Self
 
+from ferry.v1 import common_pb2
 from kvcache.events import KvEventBatch
 from kvcache.hashing import BlockHashConfig, hash_blocks
 from kvcache.wire import LoadReport, decode_kv_batch
+from orchestrator.frontend.types import DisaggPlan
 from orchestrator.frontend.types import RouteRequest as FrontendRouteRequest
 from orchestrator.routing.config import RoutingConfig
 from orchestrator.routing.inflight import InflightKind, InflightUpdate, PeerLink, apply_update
 from orchestrator.routing.kv_feed import KvFeed
 from router.cost import choose_worker
+from router.disagg import DisaggReason, DisaggRouter, LoadChange, PoolRole
 from router.router import Router, make_router
 from router.types import LoadReport as RouterLoadReport
-from router.types import RouterStats, WorkerInfo
 from router.types import RouteRequest as RouterRouteRequest
+from router.types import RouterStats, WorkerInfo
 from workers.server.event_publisher import DEFAULT_BACKOFF, KV_STREAM, Backoff, kv_subject
 
 logger = logging.getLogger(__name__)
@@ -72,6 +85,7 @@ class RoutingStats:
     resyncs: int  # workers cleared because the stream no longer held a missing batch
     peer_updates: int  # in-flight updates applied from other replicas
     fallbacks: int  # picks where the router's choice was not a candidate
+    disagg_decisions: dict[str, int] = field(default_factory=dict)  # by DisaggReason value
 
 
 def worker_info(worker_id: str, info) -> WorkerInfo:
@@ -82,6 +96,15 @@ def worker_info(worker_id: str, info) -> WorkerInfo:
         raise ValueError(f"worker {worker_id!r} reports an unusable KV block layout ({exc})"
                          ) from None
     return WorkerInfo(worker_id, hash_config, max(1, int(info.num_blocks)))
+
+
+_ROLES = {common_pb2.WORKER_ROLE_PREFILL: PoolRole.PREFILL,
+          common_pb2.WORKER_ROLE_DECODE: PoolRole.DECODE}
+
+
+def worker_role(info) -> PoolRole:
+    """A worker's ``ferry.v1.InfoResponse.role`` as its pool (unset: aggregated)."""
+    return _ROLES.get(int(info.role), PoolRole.BOTH)
 
 
 def router_load(report: LoadReport) -> RouterLoadReport:
@@ -107,6 +130,9 @@ class RoutingService:
             config.mode, config.hash_config, config.cost, config.seed, clock,
             approx_ttl_s=config.approx_ttl_s, load_grace_s=config.load_grace_s,
             track_achievable=config.track_achievable)
+        self.disagg = DisaggRouter(self.router, config.disagg, seed=config.seed, clock=clock,
+                                   approx_ttl_s=config.approx_ttl_s,
+                                   track_achievable=config.track_achievable)
         self._feed: KvFeed | None = None
         self._peers: PeerLink | None = None
         if config.needs_kv_events:
@@ -169,6 +195,7 @@ class RoutingService:
 
         frontend.pick_worker = self.pick
         frontend.route_listener = self
+        frontend.disagg.planner = self
         frontend.metrics.registry.register(RoutingCollector(self))
 
     async def catch_up(self, timeout: float = 10.0) -> bool:
@@ -187,7 +214,7 @@ class RoutingService:
         for worker_id in self.router.workers:
             try:
                 msg = await js.get_last_msg(KV_STREAM, kv_subject(worker_id))
-            except Exception:  # noqa: BLE001 - no message for it (or NATS trouble): nothing to wait
+            except Exception:  # noqa: BLE001, S112 - no message for it (or NATS trouble): none to wait
                 continue
             try:
                 sender, batch = decode_kv_batch(msg.data)
@@ -222,24 +249,60 @@ class RoutingService:
     # ---------------------------------------------------------------- frontend listener
 
     def worker_added(self, worker_id: str, info) -> None:
-        """Register a worker from its Info; ValueError (worker refused) on a block size or hash
-        seed other than the router's."""
-        self.router.add_worker(worker_info(worker_id, info))
+        """Register a worker from its Info, in its role's pool; ValueError (worker refused) on
+        a block size or hash seed other than the router's."""
+        self.disagg.add_worker(worker_info(worker_id, info), worker_role(info))
         if self._feed is not None:
             self._feed.catch_up(worker_id)
 
     def worker_removed(self, worker_id: str) -> None:
-        self.router.remove_worker(worker_id)
+        self.disagg.remove_worker(worker_id)
         if self._feed is not None:
             self._feed.forget(worker_id)
 
     def first_token(self, route_id: str) -> None:
-        if self.router.on_prefill_done(route_id) and self._share:
+        if self.disagg.in_flight(route_id):
+            self._publish(self.disagg.on_first_token(route_id))
+        elif self.router.on_prefill_done(route_id) and self._share:
             self._peers.publish(InflightKind.PREFILL_DONE, route_id)  # type: ignore[union-attr]
 
     def finished(self, route_id: str) -> None:
-        if self.router.on_finished(route_id) and self._share:
+        if self.disagg.in_flight(route_id):
+            self._publish(self.disagg.on_finished(route_id))
+        elif self.router.on_finished(route_id) and self._share:
             self._peers.publish(InflightKind.FINISHED, route_id)  # type: ignore[union-attr]
+
+    # ---------------------------------------------------------------- disaggregated planner
+
+    def plan_disagg(self, request: FrontendRouteRequest, prefill_candidates: tuple[str, ...]
+                    ) -> DisaggPlan:
+        """The frontend's DisaggPlanner (see the module docstring); never raises for a
+        well-formed request."""
+        rid = request.request_id
+        if not self.disagg.in_flight(rid) and self.router.load_view.is_in_flight(rid):
+            self.finished(rid)  # an aggregated attempt before (a pool that changed roles)
+        req = RouterRouteRequest.from_tokens(rid, request.prompt_token_ids)
+        routed = self.disagg.route(req, request.candidates, prefill_candidates)
+        if routed is None:  # no candidate is registered with the router (not in practice)
+            self._fallbacks += 1
+            worker_id = request.candidates[self._turn % len(request.candidates)]
+            self._turn += 1
+            return DisaggPlan(worker_id, None, DisaggReason.NO_PREFILL_WORKER)
+        decision, changes = routed
+        self._publish(changes)
+        return DisaggPlan(decision.decode_worker, decision.prefill_worker, decision.reason)
+
+    def decode_started(self, route_id: str) -> None:
+        self._publish(self.disagg.on_decode_started(route_id))
+
+    def prefill_failed(self, route_id: str) -> None:
+        self._publish(self.disagg.on_prefill_failed(route_id))
+
+    def _publish(self, changes: list[LoadChange]) -> None:
+        if self._share:
+            for c in changes:
+                self._peers.publish(InflightKind(c.kind), c.key, c.worker_id,  # type: ignore[union-attr]
+                                    c.prefill_blocks, c.decode_blocks)
 
     # ---------------------------------------------------------------- picking
 
@@ -293,11 +356,17 @@ class RoutingService:
 
     def stats(self) -> RoutingStats:
         feed = self._feed
+        mine, split = self.router.stats(), self.disagg.stats()
+        two = split.routing  # requests planned by the disaggregated router
+        routing = RouterStats(mine.requests + two.requests, mine.prompt_blocks + two.prompt_blocks,
+                              mine.hit_blocks + two.hit_blocks,
+                              mine.achievable_hit_blocks + two.achievable_hit_blocks)
         return RoutingStats(
-            router=self.router.stats(), workers=len(self.router.workers),
+            router=routing, workers=len(self.router.workers),
             kv_batches_applied=feed.applied if feed else 0, gaps=feed.gaps if feed else 0,
             repairs=feed.repairs if feed else 0, resyncs=feed.resyncs if feed else 0,
-            peer_updates=self._peer_updates, fallbacks=self._fallbacks)
+            peer_updates=self._peer_updates, fallbacks=self._fallbacks,
+            disagg_decisions={r.value: n for r, n in split.decisions.items()})
 
 
-__all__ = ["RoutingService", "RoutingStats", "router_load", "worker_info"]
+__all__ = ["RoutingService", "RoutingStats", "router_load", "worker_info", "worker_role"]
