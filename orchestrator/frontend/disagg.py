@@ -13,7 +13,7 @@ worker.proto, "Disaggregation protocol"):
    :class:`TurnPlanner` without one) for a decode worker among the ready decode workers and,
    when prefill runs remotely, a prefill worker among the ready prefill workers. The decision
    is counted in ``ferry_frontend_disagg_decisions_total{choice, reason}``.
-2. Local: F sends the request to D as it is (D prefills and decodes; same as aggregated).
+2. Local: F sends the request to D as it is (D prefills and decodes; the aggregated path).
 3. Remote: F sends P the request with ``max_tokens = 1`` and ``prefill_only``. P's last chunk
    carries the first token and a ``kv_handle``; from then on F owns the handle.
    - The request ends there (P's reason is STOP, or the caller asked for one token): F passes
@@ -140,8 +140,9 @@ class DisaggPath:
     def open(self, prep: PreparedRequest, route: RouteRequest
              ) -> tuple[str, DisaggCall | None]:
         """Plan one attempt of ``prep`` (``route.candidates``: the ready decode workers not
-        tried yet); returns the decode worker and the call, or None for the call when the
-        planner chose a worker that is not registered."""
+        tried yet); returns the decode worker and the two-hop call, or None for the call when
+        the prompt is prefilled on the decode worker (the caller sends it there as it is) or
+        the planner chose a worker that is not registered."""
         planner = self.planner
         if planner is None:
             if self._turn_planner is None:
@@ -150,7 +151,7 @@ class DisaggPath:
         prefill = tuple(w for w in self.pool.ready_ids if w in self.prefill_ids)
         plan = planner.plan_disagg(route, prefill)
         self._children[plan.reason].inc()
-        if plan.decode_worker not in self.pool:
+        if plan.prefill_worker is None or plan.decode_worker not in self.pool:
             return plan.decode_worker, None
         return plan.decode_worker, DisaggCall(self, planner, prep, route.request_id, plan)
 
@@ -219,7 +220,7 @@ class DisaggCall:
     async def _run(self) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         prep = self._prep
         request = prep.worker_request
-        remote = None  # P's (first token, prompt tokens, cached tokens) once handed over
+        remote = None  # P's (prompt tokens, cached tokens) once the first token came from P
         try:
             if self.plan.prefill_worker is not None:
                 last = await self._prefill()
@@ -239,8 +240,12 @@ class DisaggCall:
                     request = self._decode_request(token)
             if self._closed:
                 return
-            self._decode_call = call = _generate(self._path.pool.get(self.plan.decode_worker),
-                                                 request)
+            worker = self.plan.decode_worker
+            if worker not in self._path.pool:  # removed while P prefilled
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                           grpc.aio.Metadata(),
+                                           f"decode worker {worker} left the deployment")
+            self._decode_call = call = _generate(self._path.pool.get(worker), request)
             async for msg in call:
                 if remote is not None:
                     if self._handle is not None and msg.new_token_ids:
