@@ -361,7 +361,7 @@ class Frontend:
                 tried.append(worker_id)
                 can_retry = len(tried) < self.config.max_attempts
                 if call is None:
-                    call = self.pool.get(worker_id).stub.Generate(prep.worker_request)
+                    call = self.pool.get(worker_id).generate(prep.worker_request)
                 ended = False  # the worker's stream is over: nothing to cancel
                 try:
                     async for msg in call:

@@ -5,6 +5,8 @@ Lifecycle: :meth:`WorkerPool.add` opens the channel and calls ``Worker.Info`` (a
 does not answer is not added); :meth:`WorkerPool.remove` closes the channel, which cancels the
 worker's in-flight calls (their streams end with an error chunk). A worker is *ready* while
 its last Info / Stats call succeeded; only ready workers are offered to the picker.
+Requests go through :meth:`WorkerHandle.generate`: over the worker's GenerateStream
+(orchestrator/frontend/worker_stream.py), or a Generate call where it has none.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from ferry.v1 import worker_pb2, worker_pb2_grpc
+from orchestrator.frontend.worker_stream import WorkerStream
 
 # Keepalive so that a dead worker's connection is noticed while a stream waits on it.
 CHANNEL_OPTIONS = (
@@ -38,6 +41,13 @@ class WorkerHandle:
     info: worker_pb2.InfoResponse
     ready: bool = True
     stats: worker_pb2.StatsResponse | None = None  # the last Stats answer
+    stream: WorkerStream | None = None  # requests go over its GenerateStream when it has one
+
+    def generate(self, request: worker_pb2.WorkerGenerateRequest):
+        """Start a request on this worker; iterate the result like a Generate call."""
+        if self.stream is None:
+            return self.stub.Generate(request)
+        return self.stream.generate(request)
 
 
 class WorkerPool:
@@ -62,7 +72,8 @@ class WorkerPool:
             raise WorkerUnreachable(
                 f"worker {worker_id!r} at {address} did not answer Info "
                 f"({e.code().name}: {e.details()}); check that it is running") from None
-        handle = WorkerHandle(worker_id, address, channel, stub, info)
+        handle = WorkerHandle(worker_id, address, channel, stub, info,
+                              stream=WorkerStream(stub, worker_id))
         self._workers[worker_id] = handle
         self._refresh_ready()
         return handle
@@ -73,6 +84,8 @@ class WorkerPool:
         if handle is None:
             return False
         self._refresh_ready()
+        if handle.stream is not None:
+            await handle.stream.close()
         await handle.channel.close(grace_s)
         return True
 

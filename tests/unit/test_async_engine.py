@@ -374,3 +374,127 @@ def test_call_propagates_exceptions_and_generate_needs_an_engine_request():
     run(main())
     with pytest.raises(TypeError, match="LLMEngine"):
         AsyncEngine(object())
+
+
+# ---------------------------------------------------------------------- submit (callback form)
+
+class Recorder:
+    """on_output for AsyncEngine.submit: every item with the loop time it arrived."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.times: list[float] = []
+        self.done = asyncio.get_running_loop().create_future()
+
+    def __call__(self, item) -> None:
+        self.items.append(item)
+        self.times.append(asyncio.get_running_loop().time())
+        if (isinstance(item, BaseException) or item.finished) and not self.done.done():
+            self.done.set_result(None)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for o in self.items for t in o.new_token_ids]
+
+
+def test_submit_without_pacing_delivers_one_delta_per_step():
+    request = req("cb", range(1, 12), max_tokens=9)
+    [want] = make_engine().generate([request])
+
+    async def main():
+        aeng = AsyncEngine(make_engine())
+        try:
+            rec = Recorder()
+            sub = aeng.submit(request, rec)
+            await rec.done
+            assert rec.tokens == list(want.token_ids)
+            assert [len(o.new_token_ids) for o in rec.items] == [1] * 9
+            assert rec.items[-1].finish_reason is FinishReason.LENGTH and sub.done
+            await wait_idle(aeng)
+        finally:
+            aeng.shutdown()
+
+    run(main())
+
+
+def test_submit_paces_on_the_engine_thread_and_never_holds_the_last_delta():
+    # ~6 ms per decode step: 40 tokens take ~250 ms; at most one delta per 50 ms.
+    request = req("paced", range(1, 12), max_tokens=40)
+    [want] = make_engine().generate([request])
+
+    async def main():
+        aeng = AsyncEngine(make_engine(slow_runner()))
+        try:
+            rec = Recorder()
+            aeng.submit(request, rec, min_interval_s=0.05)
+            await rec.done
+            finished_at = asyncio.get_running_loop().time()
+            assert rec.tokens == list(want.token_ids)
+            assert len(rec.items[0].new_token_ids) == 1  # the first delta is never held
+            assert 3 <= len(rec.items) <= 8
+            gaps = [b - a for a, b in zip(rec.times, rec.times[1:-1])]
+            assert all(g >= 0.045 for g in gaps), gaps  # loop time vs engine clock: 5 ms slack
+            assert rec.items[-1].finished and rec.items[-1].num_output_tokens == 40
+            assert finished_at - rec.times[-1] < 0.05
+            with pytest.raises(ValueError, match="min_interval_s"):
+                aeng.submit(req("bad", [1, 2]), rec, min_interval_s=-1)
+        finally:
+            aeng.shutdown()
+
+    run(main())
+
+
+def test_submit_cancel_stops_delivery_and_frees_blocks():
+    async def main():
+        aeng = AsyncEngine(make_engine(slow_runner()))
+        try:
+            rec = Recorder()
+            first = asyncio.get_running_loop().create_future()
+            sub = aeng.submit(req("gone", range(1, 30), max_tokens=400),
+                              lambda item: (rec(item), first.done() or first.set_result(None)),
+                              min_interval_s=0.01)
+            await first
+            sub.cancel()
+            n = len(rec.items)
+            assert sub.done
+            await wait_idle(aeng)
+            await asyncio.sleep(0.05)
+            assert len(rec.items) == n  # nothing after cancel, not even what was under way
+            assert not any(o.finished for o in rec.items)
+        finally:
+            aeng.shutdown()
+
+    run(main())
+
+
+def test_submit_refusal_failure_and_shutdown_are_items():
+    requests = [req(f"f{i}", range(1 + i, 12 + i), max_tokens=50) for i in range(3)]
+    expected = {f.request_id: f.token_ids for f in make_engine().generate(requests)}
+
+    async def main():
+        aeng = AsyncEngine(make_engine(FailOnceRunner(after=5)))
+        try:
+            bad = Recorder()
+            aeng.submit(req("empty", []), bad)
+            await bad.done
+            assert len(bad.items) == 1 and isinstance(bad.items[0], InvalidRequestError)
+            # a failing step: the tokens held by pacing still arrive, then the error
+            recs = [Recorder() for _ in requests]
+            for r, rec in zip(requests, recs):
+                aeng.submit(r, rec, min_interval_s=10.0)
+            await asyncio.gather(*(rec.done for rec in recs))
+            for r, rec in zip(requests, recs):
+                assert len(rec.items) == 3  # the first delta, the held ones, the failure
+                last = rec.items[-1]
+                assert isinstance(last, EngineFailureOutput) and last.code == "internal"
+                assert 5 <= len(rec.tokens) < 50
+                assert tuple(rec.tokens) == expected[r.request_id][: len(rec.tokens)]
+        finally:
+            aeng.shutdown()
+        late = Recorder()
+        sub = aeng.submit(req("late", [1, 2, 3]), late)
+        await late.done
+        assert late.items[0].code == "shutdown" and late.items[0].error == SHUTDOWN_MESSAGE
+        assert sub.done
+
+    run(main())

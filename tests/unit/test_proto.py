@@ -223,6 +223,8 @@ def test_packages_and_services():
         "ferry.v1.Ferry.Health": ("HealthRequest", "HealthResponse", False, False),
         "ferry.v1.Worker.Generate": ("WorkerGenerateRequest", "WorkerGenerateResponse",
                                      False, True),
+        "ferry.v1.Worker.GenerateStream": ("GenerateStreamRequest", "GenerateStreamResponse",
+                                           True, True),
         "ferry.v1.Worker.Abort": ("AbortRequest", "AbortResponse", False, False),
         "ferry.v1.Worker.Stats": ("StatsRequest", "StatsResponse", False, False),
         "ferry.v1.Worker.Info": ("InfoRequest", "InfoResponse", False, False),

@@ -21,6 +21,16 @@ Protocol, caller side (an asyncio task on any event loop):
 - Cancelling the consuming task while it waits, calling :meth:`RequestStream.cancel`, or
   dropping an unfinished stream queues an *abort*: the engine frees the request's blocks at
   once and nothing more is delivered to that stream.
+- ``sub = aeng.submit(request, on_output, min_interval_s=t)`` is the callback form, for a
+  caller that serves many requests at once (a worker's GenerateStream): ``on_output(item)``
+  is called on the caller's event loop thread with each delta, the last one ``finished``, or
+  with the InvalidRequestError that refused the request. Pacing is done on the engine thread
+  here: after a delta went out, the request's next deltas are held there until ``t`` seconds
+  have passed (checked after every step) and then go as one; the last one goes at once, and
+  the first is never held. Held deltas cost the caller's loop no wakeup at all, which is the
+  point: a fast engine steps far more often than anyone needs its tokens. ``sub.cancel()``
+  aborts like cancelling a stream; nothing is delivered to ``on_output`` after it, not even
+  what was already on its way.
 - ``await aeng.abort(request_id)`` aborts on behalf of someone else (the Abort RPC): the stream
   stays attached and ends with a final output whose finish reason is ABORT.
 - ``await aeng.call(fn)`` runs ``fn(engine)`` on the engine thread between two steps (exact
@@ -51,6 +61,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -88,8 +99,16 @@ def _failure(rid: str, num_prompt: int, last: RequestOutput | None, message: str
         error=message, code=code)
 
 
-def _merge(outs: list[RequestOutput]) -> RequestOutput:
+def _check_interval(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0.0 <= value < float("inf"):
+        raise ValueError(f"min_interval_s must be a number of seconds >= 0, got {value!r}")
+
+
+def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
     """One delta with the tokens and text of ``outs``, the rest (and type) of the newest."""
+    if len(outs) == 1:
+        return outs[0]
     last = outs[-1]
     tokens = tuple(t for o in outs for t in o.new_token_ids)
     text = "".join(o.new_text for o in outs)
@@ -145,6 +164,53 @@ class _Sink:
                 waiter.set_result(None)
 
 
+class _CallbackSink(_Sink):
+    """A sink that hands each item to a callback (:meth:`AsyncEngine.submit`); paced on the
+    engine thread (``held``, ``due``: engine thread only)."""
+
+    __slots__ = ("callback", "due", "held")
+
+    def __init__(self, request: EngineRequest, loop: asyncio.AbstractEventLoop,
+                 callback: Callable[[Any], None], interval: float = 0.0) -> None:
+        super().__init__(request, loop, interval)
+        self.callback: Callable[[Any], None] | None = callback  # None once cancelled
+        self.held: list[RequestOutput] = []  # deltas held back by pacing (engine thread)
+        self.due = 0.0  # time.monotonic() from which the next delta may go (engine thread)
+
+    def push(self, item: Any) -> None:  # loop thread
+        callback = self.callback
+        if callback is not None:
+            if isinstance(item, BaseException) or item.finished:
+                self.callback = None  # the last item: the request is over
+            callback(item)
+
+
+class Submission:
+    """A request given to :meth:`AsyncEngine.submit`; :meth:`cancel` aborts it."""
+
+    __slots__ = ("_aeng", "_sink")
+
+    def __init__(self, aeng: AsyncEngine, sink: _CallbackSink) -> None:
+        self._aeng = aeng
+        self._sink = sink
+
+    @property
+    def request_id(self) -> str:
+        return self._sink.request_id
+
+    @property
+    def done(self) -> bool:
+        """The last item was delivered, or the request was cancelled."""
+        return self._sink.callback is None
+
+    def cancel(self) -> None:
+        """Abort the request unless it already ended; nothing is delivered after this."""
+        sink = self._sink
+        if sink.callback is not None:
+            sink.callback = None
+            self._aeng._submit(("abort", sink.request_id, sink, None))
+
+
 class RequestStream:
     """The outputs of one request, as an async iterator (see the module docstring)."""
 
@@ -189,7 +255,7 @@ class RequestStream:
         if isinstance(first, BaseException):
             self._closed = True
             raise first
-        out = first if len(items) == 1 else _merge(items)
+        out = merge_outputs(items)
         if out.finished:
             self._closed = True
         return out
@@ -299,6 +365,7 @@ class AsyncEngine:
         self._closing = False
         self._closed = False
         self._sinks: dict[str, _Sink] = {}  # attached requests (engine thread only)
+        self._held: list[_CallbackSink] = []  # sinks with paced deltas held (engine thread)
         self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}  # engine thread only
         self._stats: EngineStats = engine.stats()
         self._failures = 0
@@ -312,15 +379,27 @@ class AsyncEngine:
         ``min_interval_s``: see the module docstring)."""
         if not isinstance(request, EngineRequest):
             raise TypeError(f"generate takes an EngineRequest, got {type(request).__name__}")
-        if isinstance(min_interval_s, bool) or not isinstance(min_interval_s, (int, float)) \
-                or not 0.0 <= min_interval_s < float("inf"):
-            raise ValueError(f"min_interval_s must be a number of seconds >= 0, got "
-                             f"{min_interval_s!r}")
+        _check_interval(min_interval_s)
         sink = _Sink(request, asyncio.get_running_loop(), float(min_interval_s))
         if not self._submit(("add", sink, request)):
             sink.push(_failure(sink.request_id, sink.num_prompt_tokens, None, SHUTDOWN_MESSAGE,
                                "shutdown"))
         return RequestStream(self, request, sink)
+
+    def submit(self, request: EngineRequest, on_output: Callable[[Any], None],
+               min_interval_s: float = 0.0) -> Submission:
+        """Queue ``request``; its outputs go to ``on_output`` on this event loop's thread,
+        paced by ``min_interval_s`` (see the module docstring)."""
+        if not isinstance(request, EngineRequest):
+            raise TypeError(f"submit takes an EngineRequest, got {type(request).__name__}")
+        _check_interval(min_interval_s)
+        sink = _CallbackSink(request, asyncio.get_running_loop(), on_output,
+                             float(min_interval_s))
+        if not self._submit(("add", sink, request)):
+            failure = _failure(sink.request_id, sink.num_prompt_tokens, None, SHUTDOWN_MESSAGE,
+                               "shutdown")
+            sink.loop.call_soon(sink.push, failure)
+        return Submission(self, sink)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request for someone else; its stream ends with ABORT. False: unknown id."""
@@ -407,6 +486,8 @@ class AsyncEngine:
                 return
             if engine.has_unfinished():
                 self._step(out)
+            if self._held:
+                self._release_due(out)
             has_work = engine.has_unfinished()
             out.flush(self._inboxes)
 
@@ -432,6 +513,7 @@ class AsyncEngine:
             except Exception:  # a hook must not stop serving
                 log.exception("on_step hook failed")
         sinks = self._sinks
+        now = 0.0
         for o in result.outputs:
             sink = sinks.get(o.request_id)
             if sink is None:  # cancelled by its consumer
@@ -439,7 +521,37 @@ class AsyncEngine:
             sink.last = o
             if o.finished:
                 del sinks[o.request_id]
+            if type(sink) is _CallbackSink and sink.interval:  # paced here
+                now = now or time.monotonic()
+                if not o.finished and now < sink.due:
+                    if not sink.held:
+                        self._held.append(sink)
+                    sink.held.append(o)
+                    continue
+                if sink.held:
+                    sink.held.append(o)
+                    o = merge_outputs(sink.held)
+                    sink.held = []
+                sink.due = now + sink.interval
             out.push(sink, o)
+
+    def _release_due(self, out: _Outbox) -> None:
+        """Send the held deltas whose time has come (paced callback sinks)."""
+        now = time.monotonic()
+        keep = []
+        for sink in self._held:
+            if not sink.held:  # sent with a later delta already
+                continue
+            if self._sinks.get(sink.request_id) is not sink:  # cancelled meanwhile
+                sink.held = []
+                continue
+            if now < sink.due:
+                keep.append(sink)
+                continue
+            out.push(sink, merge_outputs(sink.held))
+            sink.held = []
+            sink.due = now + sink.interval
+        self._held = keep
 
     def _apply(self, cmd: tuple, out: _Outbox, closing: bool) -> None:
         kind = cmd[0]
@@ -485,7 +597,11 @@ class AsyncEngine:
     def _fail_all(self, message: str, code: str, out: _Outbox) -> None:
         """End every attached stream with an error and free the engine's copies."""
         sinks, self._sinks = self._sinks, {}
+        self._held = []
         for rid, sink in sinks.items():
+            if type(sink) is _CallbackSink and sink.held:  # tokens made before the failure
+                out.push(sink, merge_outputs(sink.held))
+                sink.held = []
             out.push(sink, _failure(rid, sink.num_prompt_tokens, sink.last, message, code))
             try:
                 self.engine.abort(rid)
@@ -493,4 +609,5 @@ class AsyncEngine:
                 log.exception("aborting request %r after a failure failed", rid)
 
 
-__all__ = ["SHUTDOWN_MESSAGE", "AsyncEngine", "EngineFailureOutput", "RequestStream"]
+__all__ = ["SHUTDOWN_MESSAGE", "AsyncEngine", "EngineFailureOutput", "RequestStream", "Submission",
+           "merge_outputs"]

@@ -202,6 +202,7 @@ class WorkerServer:
         self.aengine: AsyncEngine | None = None
         self.address: str | None = None
         self._server: grpc.aio.Server | None = None
+        self._service: WorkerService | None = None
         self._publisher = None
         self._forwarder: _EventForwarder | None = None
         self._forwarder_task: asyncio.Task | None = None
@@ -218,9 +219,9 @@ class WorkerServer:
         on_step = self._forwarder.on_step if self._forwarder is not None else None
         self.aengine = AsyncEngine(self.engine, on_step=on_step)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        worker_pb2_grpc.add_WorkerServicer_to_server(
-            WorkerService(self.aengine, cfg.worker_id, cfg.model, cfg.role.value,
-                          stream_interval_s=cfg.stream_interval_s), server)
+        self._service = WorkerService(self.aengine, cfg.worker_id, cfg.model, cfg.role.value,
+                                      stream_interval_s=cfg.stream_interval_s)
+        worker_pb2_grpc.add_WorkerServicer_to_server(self._service, server)
         bind = _host_port(cfg.host, cfg.port)
         try:
             port = server.add_insecure_port(bind)
@@ -250,6 +251,7 @@ class WorkerServer:
         if server is None:
             await self._cleanup()
             return
+        self._service.drain()  # GenerateStream calls take no new requests from here on
         stopping = asyncio.ensure_future(server.stop(None if grace is None else grace + 1.0))
         if grace is not None:
             await asyncio.wait({stopping}, timeout=grace)

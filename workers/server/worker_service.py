@@ -15,6 +15,8 @@ Generate, as seen from the client (see proto/ferry/v1/worker.proto for the whole
   last chunk with FINISH_REASON_ERROR and ``error`` set, never a broken or hung stream;
 - the client cancelling the call aborts the request: its KV blocks are freed at once.
 
+GenerateStream carries many such requests over one call (workers/server/generate_stream.py).
+
 Abort ends a request on someone's behalf (its stream ends with FINISH_REASON_ABORT); Stats
 reads the engine's counters and runs its integrity self-check on the engine thread, between
 two steps, so the numbers are exact; Info answers the fixed configuration.
@@ -37,6 +39,7 @@ from workers.server.convert import (
     role_to_proto,
     stats_to_proto,
 )
+from workers.server.generate_stream import StreamSession
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                  stream_interval_s: float = 0.0) -> None:
         self._aengine = aengine
         self._interval = stream_interval_s
+        self._sessions: set[StreamSession] = set()  # running GenerateStream calls
+        self._draining = False
         self._worker_id = worker_id
         engine = aengine.engine
         cfg = engine.config
@@ -99,6 +104,22 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 num_prompt_tokens=len(request.prompt_token_ids),
                 error=common_pb2.Error(code=common_pb2.ERROR_CODE_INTERNAL,
                                        message=f"{type(exc).__name__}: {exc}"))
+
+    async def GenerateStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        session = StreamSession(self._aengine, self._interval)
+        self._sessions.add(session)
+        try:
+            if self._draining:
+                session.drain()
+            await session.serve(context)
+        finally:
+            self._sessions.discard(session)
+
+    def drain(self) -> None:
+        """Shutting down: GenerateStream sessions refuse new requests and end once idle."""
+        self._draining = True
+        for session in list(self._sessions):
+            session.drain()
 
     async def Abort(self, request: worker_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:

@@ -40,6 +40,11 @@ class WorkerStub:
                 request_serializer=ferry_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
                 response_deserializer=ferry_dot_v1_dot_worker__pb2.WorkerGenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/ferry.v1.Worker/GenerateStream',
+                request_serializer=ferry_dot_v1_dot_worker__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_worker__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/ferry.v1.Worker/Abort',
                 request_serializer=ferry_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -63,6 +68,13 @@ class WorkerServicer:
 
     def Generate(self, request, context):
         """Run one request; streams its new tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request_iterator, context):
+        """Many requests over one stream (see "Worker.GenerateStream protocol" above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +108,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=ferry_dot_v1_dot_worker__pb2.WorkerGenerateRequest.FromString,
                     response_serializer=ferry_dot_v1_dot_worker__pb2.WorkerGenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=ferry_dot_v1_dot_worker__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_worker__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -141,6 +158,33 @@ class Worker:
             '/ferry.v1.Worker/Generate',
             ferry_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
             ferry_dot_v1_dot_worker__pb2.WorkerGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ferry.v1.Worker/GenerateStream',
+            ferry_dot_v1_dot_worker__pb2.GenerateStreamRequest.SerializeToString,
+            ferry_dot_v1_dot_worker__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
