@@ -9,6 +9,17 @@
 - :mod:`~kvcache.transfer.cuda_ipc`: GPU caches pulled device to device on one node.
 - :mod:`~kvcache.transfer.puller`: :func:`pull`, choosing the transport and releasing.
 - :mod:`~kvcache.transfer.wire`: conversions to and from ``ferry.v1`` messages.
+- :mod:`~kvcache.transfer.tuning`: :func:`tune_malloc`, which a worker calls once at start-up.
+
+A worker wires it up as follows. Holder (prefill): caches from ``SharedKvArena.create`` (shm
+on) or ``make_kv_caches``; ``HandleRegistry(ttl_s, on_release)`` (``on_release`` queues an
+unpin to the engine thread; call ``registry.expire()`` periodically); a ``grpc.aio`` server
+built with ``options=SERVER_OPTIONS`` and ``KvTransferServicer(registry, view).add_to_server``;
+``registry.create(...)`` after prefill, ``handle_to_proto`` on the last chunk, and
+``registry.release(handle_id)`` when the request is cancelled. Puller (decode):
+``handle_from_proto``, allocate destination blocks, ``await pull(handle, view, dest_ids,
+timeout_s=...)``, then commit the blocks, or free them and prefill locally on
+``KvTransferError``.
 
 Imports ``proto`` and third-party libraries only.
 """
@@ -33,6 +44,7 @@ from kvcache.transfer.layout import KvCacheView, KvLayout
 from kvcache.transfer.puller import pull
 from kvcache.transfer.result import PullResult
 from kvcache.transfer.shm import SharedKvArena, pull_shm
+from kvcache.transfer.tuning import tune_malloc
 from kvcache.transfer.wire import handle_from_proto, handle_to_proto
 
 __all__ = [
@@ -59,4 +71,5 @@ __all__ = [
     "pull_grpc",
     "pull_shm",
     "release_remote",
+    "tune_malloc",
 ]

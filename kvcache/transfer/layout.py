@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from kvcache.transfer.errors import KvLayoutMismatch
@@ -318,19 +319,30 @@ class KvCacheView:
                 for layer in range(layer_start, layer_end) for kv in (0, 1)]
 
     def write_block_bytes(self, block_id: int, layer_start: int, layer_end: int,
-                          data: torch.Tensor) -> None:
-        """Write one chunk's payload (a uint8 tensor, as :meth:`read_block_bytes` gives) into
-        block ``block_id``. Raises ValueError when its size is not the chunk's size."""
+                          data) -> None:
+        """Write one chunk's payload (a uint8 tensor as :meth:`read_block_bytes` gives, or any
+        buffer of those bytes) into block ``block_id``. Raises ValueError when its size is not
+        the chunk's size. A CPU cache is written with plain memory copies (numpy: no thread
+        pool spin-up per chunk), a GPU cache with one host-to-device copy per layer."""
         self._check_layers(layer_start, layer_end)
         count = layer_end - layer_start
         expected = count * self.layout.layer_block_nbytes
-        if data.numel() != expected:
+        size = data.numel() if isinstance(data, torch.Tensor) else memoryview(data).nbytes
+        if size != expected:
             raise ValueError(
                 f"chunk for block {block_id} layers [{layer_start}, {layer_end}) must hold "
-                f"{expected} bytes, got {data.numel()}"
+                f"{expected} bytes, got {size}"
             )
         if not count:
             return
+        if self._np_rows is not None:
+            src = (data.numpy() if isinstance(data, torch.Tensor)
+                   else np.frombuffer(data, dtype=np.uint8)).reshape(count, 2, -1)
+            for i, layer in enumerate(range(layer_start, layer_end)):
+                np.copyto(self._np_rows[layer][:, block_id], src[i])
+            return
+        if not isinstance(data, torch.Tensor):
+            data = readonly_bytes_tensor(data)
         src = data.to(self.device).view(count, 2, -1)
         dst = [self._rows[layer][:, block_id] for layer in range(layer_start, layer_end)]
         torch._foreach_copy_(dst, list(src.unbind(0)))

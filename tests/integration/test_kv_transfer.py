@@ -71,7 +71,8 @@ class FakeClock:
 
 
 class Server:
-    """One worker's KvTransfer side: a registry, its cache and a real grpc.aio server."""
+    """One worker's KvTransfer side: a registry, its cache and a real grpc.aio server, on an
+    event loop of its own in a thread (as in another process: a test may block it)."""
 
     def __init__(self, caches, *, num_blocks=None, servicer_cls=KvTransferServicer,
                  max_chunk_bytes=4 << 20, ttl_s=30.0, stock_registration=False,
@@ -83,8 +84,13 @@ class Server:
         self.servicer = servicer_cls(self.registry, self.view, max_chunk_bytes=max_chunk_bytes)
         self.stock_registration = stock_registration
         self.address = ""
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
-    async def __aenter__(self) -> Self:
+    async def _on_loop(self, coro):
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def _start(self) -> None:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         if self.stock_registration:
             worker_pb2_grpc.add_KvTransferServicer_to_server(self.servicer, self.server)
@@ -93,11 +99,18 @@ class Server:
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         self.address = f"127.0.0.1:{port}"
+
+    async def __aenter__(self) -> Self:
+        self.thread.start()
+        await self._on_loop(self._start())
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.server.stop(0)
+        await self._on_loop(self.server.stop(0))
         self.servicer.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
 
     def handle(self, block_ids, address=None) -> KvHandleInfo:
         n = len(block_ids)
@@ -106,16 +119,20 @@ class Server:
 
 
 class SlowView(KvCacheView):
-    """A destination that writes slowly (or not at all until ``go`` is set)."""
+    """A destination that writes slowly (``delay`` s a chunk), or holds its first write until
+    ``go`` is set. Writes run on the puller's event loop, so either stalls the puller."""
 
     def __init__(self, *args, delay=0.0, **kw) -> None:
         super().__init__(*args, **kw)
         self.delay, self.writes = delay, 0
         self.first_write, self.go = threading.Event(), threading.Event()
+        self.on_first_write = None
 
     def write_block_bytes(self, *args) -> None:
         super().write_block_bytes(*args)
         self.writes += 1
+        if not self.first_write.is_set() and self.on_first_write is not None:
+            self.on_first_write()
         self.first_write.set()
         if self.delay:
             time.sleep(self.delay)
@@ -126,9 +143,9 @@ class SlowView(KvCacheView):
 class CorruptingServicer(KvTransferServicer):
     """Flips one payload byte of the second chunk after its crc32 was computed."""
 
-    def _read(self, lease, item):
-        raw = super()._read(lease, item)
-        if raw is not None and self.chunks_read == 2:
+    def _chunk(self, block_id, start, end):
+        raw = super()._chunk(block_id, start, end)
+        if self.chunks_read == 2:
             raw = bytearray(raw)
             raw[len(raw) // 2] ^= 0x01
             raw = bytes(raw)
@@ -136,17 +153,17 @@ class CorruptingServicer(KvTransferServicer):
 
 
 class GatedServicer(KvTransferServicer):
-    """Holds the read of the third chunk until ``gate`` is set."""
+    """Holds the read of the third chunk until ``gate`` is set (on the holder's loop)."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.waiting, self.gate = threading.Event(), threading.Event()
 
-    def _read(self, lease, item):
+    def _chunk(self, block_id, start, end):
         if self.chunks_read == 2:
             self.waiting.set()
             self.gate.wait(30)
-        return super()._read(lease, item)
+        return super()._chunk(block_id, start, end)
 
 
 async def wait_for(predicate, timeout=10.0):
@@ -296,14 +313,17 @@ def test_the_holder_streams_only_as_fast_as_the_puller_reads():
             dest = SlowView([torch.zeros_like(c) for c in big], 64)
             h = prefill.registry.create(list(range(40)), list(range(40)), 40 * 64, 64, "p",
                                         prefill.address)
-            task = asyncio.ensure_future(pull_grpc(prefill.address, h, dest, list(range(40)),
-                                                   timeout_s=60))
-            await wait_for(dest.first_write.is_set)
-            await asyncio.sleep(1.0)  # the puller is stuck on its first write
-            ahead = prefill.servicer.chunks_read
-            assert ahead < 30, f"the holder read {ahead} of 40 chunks ahead of a stuck puller"
-            dest.go.set()
-            result = await task
+            seen = []
+
+            def unstick():  # the puller is stuck on its first write for a second
+                seen.append(prefill.servicer.chunks_read)
+                dest.go.set()
+
+            timer = threading.Timer(1.0, unstick)
+            dest.on_first_write = timer.start
+            result = await pull_grpc(prefill.address, h, dest, list(range(40)), timeout_s=60)
+            timer.join()
+            assert seen and seen[0] < 30, f"the holder read {seen} of 40 chunks ahead"
             assert result.nbytes == 40 << 20
             assert torch.equal(dest.read_blocks(range(40)).view(torch.int16),  # NaN patterns too
                                prefill.view.read_blocks(range(40)).view(torch.int16))

@@ -132,3 +132,14 @@ def test_decode_reads_error_chunks_and_fields_in_any_order():
 def test_decode_refuses_truncated_or_foreign_bytes(raw):
     with pytest.raises(ValueError):
         decode_chunk(raw)
+
+
+def test_tune_malloc_applies_on_glibc_and_checks_its_arguments():
+    import platform
+
+    from kvcache.transfer.tuning import tune_malloc
+
+    if platform.libc_ver()[0] == "glibc":
+        assert tune_malloc() is True
+    with pytest.raises(ValueError, match="positive byte counts"):
+        tune_malloc(mmap_threshold=0)
