@@ -1,9 +1,10 @@
 """``ferry replay TRACE.jsonl``: replay a Mooncake trace through the router and workers.
 
 ``--offline`` simulates the workers in this process on a virtual clock
-(:mod:`orchestrator.replay.simulator`); without it the trace goes to a live deployment
-(``orchestrator.replay.online.run_online``, imported only then). Prints a table of the
-results; ``--json OUT`` also writes them as one JSON object.
+(:mod:`orchestrator.replay.simulator`); without it the trace goes to a live local cluster of
+mocker workers over gRPC and NATS on the wall clock (:mod:`orchestrator.replay.online`), which
+the command starts and stops (also on Ctrl-C). Each is imported only when used. Prints a table
+of the results; ``--json OUT`` also writes them as one JSON object.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from orchestrator.replay.config import DISAGG_NOT_SUPPORTED, ReplayConfig
+from orchestrator.replay.trace_file import load_trace
 from router.cost import CostConfig
 from router.types import RouterMode
 from workers.mocker.timing import TimingModel
@@ -78,24 +80,23 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         config = build_config(args)
+        if config.disaggregated:
+            raise ValueError(DISAGG_NOT_SUPPORTED)
+        requests = load_trace(config.trace, config.limit)  # a bad trace fails before imports
         if args.offline:
-            if config.disaggregated:
-                raise ValueError(DISAGG_NOT_SUPPORTED)
             from orchestrator.replay.simulator import replay_offline
 
-            report = replay_offline(config)
+            report = replay_offline(config, requests)
         else:
-            try:
-                from orchestrator.replay.online import run_online
-            except ModuleNotFoundError as e:
-                if e.name != "orchestrator.replay.online":
-                    raise
-                raise ValueError("online replay isn't available yet; run the simulation "
-                                 "with --offline") from None
-            report = run_online(config)
+            from orchestrator.replay.online import run_online
+
+            report = run_online(config, requests)
     except ValueError as e:
         print(f"ferry replay: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ferry replay: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
     print(report.format_table())
     if args.json is not None:
         obj = report.to_dict()

@@ -5,8 +5,8 @@
 - :mod:`orchestrator.replay.simulator`: the offline replay (mocker engines, virtual clock);
 - :mod:`orchestrator.replay.oracle`: the reuse an infinite shared cache would give;
 - :mod:`orchestrator.replay.report`: :class:`ReplayReport`, as a table or JSON;
-- ``orchestrator.replay.online`` (when present): ``run_online(config)`` against a live
-  deployment.
+- :mod:`orchestrator.replay.online`: the online replay (a live local cluster of mocker
+  workers over gRPC and NATS, on the wall clock).
 
 Nothing is imported here, so that ``ferry`` starts fast: import the submodules.
 """

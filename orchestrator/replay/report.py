@@ -97,8 +97,8 @@ class ReplayReport:
         per = r.requests_per_worker
         spread = f"{min(per.values())}..{max(per.values())}" if per else "-"
         rows = [
-            ("replay", f"{self.mode}, router {self.router}, {self.workers} workers, "
-                       f"speedup {_num(self.speedup)}"),
+            ("replay", (f"{self.mode}, router {self.router}, {self.workers} workers, "
+                        f"speedup {_num(self.speedup)}")),
             ("requests", f"{self.completed} completed of {self.requests}"
                          + (f" ({self.failed} failed)" if self.failed else "")),
             ("duration", f"{self.duration_s:.1f} s (replayed in {self.wall_s:.1f} s)"),
@@ -108,8 +108,8 @@ class ReplayReport:
             ("output tokens/s", f"{self.output_tokens_per_s:.1f}"),
             ("prefix reuse", f"{_pct(self.prefix_reuse)} of {self.prompt_tokens} prompt tokens"),
             ("oracle reuse", f"{_pct(self.oracle_reuse)} (infinite shared cache)"),
-            ("router hit / achievable", f"{_pct(r.hit_rate)} / {_pct(r.achievable_hit_rate)} "
-                                        f"of {r.prompt_blocks} blocks"),
+            ("router hit / achievable", (f"{_pct(r.hit_rate)} / {_pct(r.achievable_hit_rate)} "
+                                         f"of {r.prompt_blocks} blocks")),
             ("requests per worker", spread),
             ("preemptions", str(self.preemptions)),
         ]

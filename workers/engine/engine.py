@@ -256,7 +256,10 @@ class LLMEngine:
                 f"shorten the prompt to at most {self.max_model_len - 1} tokens to leave room "
                 "for the output")
         vocab = self.vocab_size
-        for i, t in enumerate(prompt):
+        # Fast path (long prompts): a tuple of plain ints in range needs no per-token checks.
+        plain = type(prompt) is tuple and all(type(t) is int for t in prompt)
+        for i, t in enumerate(() if plain and 0 <= min(prompt) and max(prompt) < vocab
+                              else prompt):
             if isinstance(t, bool) or not isinstance(t, numbers.Integral):
                 raise InvalidRequestError(
                     f"prompt token ids must be integers; position {i} holds {t!r}")
@@ -274,7 +277,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 "stop strings need a tokenizer but this engine has none; use stop_token_ids "
                 "instead, or start the engine with a tokenizer")
-        if type(prompt) is not tuple or any(type(t) is not int for t in prompt):
+        if not plain:
             request = dataclasses.replace(request, prompt_token_ids=tuple(int(t) for t in prompt))
         return request
 
