@@ -64,7 +64,9 @@ async def pull(
     release_timeout_s: float = 5.0,
 ) -> PullResult:
     """Pull ``src_block_ids`` (default: all) of ``handle`` into ``dest_block_ids`` of
-    ``dest_view``, then release the handle (see the module docstring)."""
+    ``dest_view``, then release the handle (see the module docstring). ``timeout_s`` bounds
+    the copy (TransferTimeout past it, fallback included); the release after it has its own
+    ``release_timeout_s``."""
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     try:

@@ -16,7 +16,8 @@ Holder (prefill worker), when shared-memory transport is on:
 
 Puller (decode worker) on the same host: :func:`pull_shm` maps ``/dev/shm/NAME`` read-only
 (mapped once per name and kept, so later pulls pay no page faults), checks the layout and
-copies the handle's blocks into its own cache. An attacher never unlinks. Ownership and
+copies the handle's blocks into its own cache. An attacher never unlinks; it keeps its mapping
+(and so the holder's memory) until a pull finds the segment gone or it calls :func:`detach`. Ownership and
 validation (the holder does not know a shared-memory read happens): the puller copies first
 and then releases the handle through gRPC ``ReleaseHandle``; the copy is valid only if that
 release returned ``released = true`` (the handle was still pinned throughout the copy, so no
@@ -211,6 +212,13 @@ def attach(name: str) -> KvCacheView:
         return view
 
 
+def detach(name: str) -> None:
+    """Forget the cached attachment of ``name`` (a holder that is gone: its memory is freed
+    once this process drops the mapping). A pull that finds the segment gone does this too."""
+    with _attach_lock:
+        _attached.pop(name, None)
+
+
 def detach_all() -> None:
     """Forget every cached attachment (the mappings go with their last tensor)."""
     with _attach_lock:
@@ -277,5 +285,5 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["SHM", "SegmentNotFound", "SharedKvArena", "attach", "detach_all",
+__all__ = ["SHM", "SegmentNotFound", "SharedKvArena", "attach", "detach", "detach_all",
            "pull_shm", "read_header", "remove_stale_segments"]

@@ -20,6 +20,7 @@ from kvcache.transfer.shm import (
     SegmentNotFound,
     SharedKvArena,
     attach,
+    detach,
     detach_all,
     pull_shm,
     read_header,
@@ -80,6 +81,8 @@ def test_an_attached_view_sees_the_holders_writes(prefix):
         assert view.layout == LAYOUT
         assert torch.equal(view.read_blocks(range(6)), arena.view.read_blocks(range(6)))
         assert attach(arena.name) is view  # mapped once, reused
+        detach(arena.name)
+        assert attach(arena.name) is not view
         arena.caches[1][0, 5] = 3.0
         assert view.caches[1][0, 5].eq(3.0).all()
 
