@@ -129,3 +129,19 @@ def test_pull_inside_the_exporting_process(name):
                             for _ in range(3)], 4)
         pull_cuda_ipc(handle(export.address("127.0.0.1:7001"), [5, 0]), dest, [2, 0])
         assert torch.equal(dest.read_blocks([2, 0]), export.view.read_blocks([5, 0]))
+
+
+def test_a_dead_exporters_file_is_removed_as_stale(name):
+    import json
+    import subprocess
+    import sys
+
+    from kvcache.transfer.shm import remove_stale_segments
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    (SHM_DIR / name).write_text(json.dumps({"magic": cuda_ipc.MAGIC, "pid": int(dead),
+                                            "layout": {}, "layers": []}))
+    with CudaIpcExport.create(f"{name}-live", [], 4, num_blocks=2):
+        assert remove_stale_segments(name) == [name]
+        assert [p.name for p in SHM_DIR.glob(f"{name}*")] == [f"{name}-live"]
