@@ -75,6 +75,11 @@ class BlockHolds:
         """Every held block id, once per reference a hold has on it."""
         return [b for ids in self._holds.values() for b in ids]
 
+    def ids_of(self, prefix: str) -> list[str]:
+        """Hold ids made with ``prefix`` (``pin``/``reserve``) and not yet released."""
+        start = f"{prefix}#"
+        return [h for h in self._holds if h.startswith(start) and "#" not in h[len(start):]]
+
     def num_blocks(self) -> int:
         return sum(len(ids) for ids in self._holds.values())
 

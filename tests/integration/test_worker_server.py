@@ -205,25 +205,6 @@ def test_invalid_requests_fail_with_invalid_argument_and_server_stays_healthy(re
     run(main())
 
 
-def test_disaggregation_fields_are_unimplemented_for_now():
-    async def main():
-        async with serving(fast_runner()) as (_, stub):
-            req = wire_request("p", [1, 2, 3])
-            req.prefill_only = True
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await generate(stub, req)
-            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert "prefill_only is not supported" in err.value.details()
-            req = wire_request("d", [1, 2, 3])
-            req.remote_prefill.handle_id = "h1"
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await generate(stub, req)
-            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert "remote_prefill is not supported" in err.value.details()
-
-    run(main())
-
-
 def test_client_cancel_mid_stream_frees_the_blocks():
     async def main():
         async with serving(slow_runner()) as (_, stub):

@@ -115,11 +115,11 @@ def test_a_second_import_pulls_only_blocks_not_cached_yet(tiny_folder):
     turn2 = turn1 + (7, 8, 9, 10, 11)  # 4 full blocks
     h1 = hash_blocks(list(turn1), d_eng.config.hash_config)
     plan = plan_import(d_eng, h1, "t1")
-    commit_import(d_eng, plan)
+    commit_import(d_eng, plan, turn1)
     h2 = hash_blocks(list(turn2), d_eng.config.hash_config)
     plan2 = plan_import(d_eng, h2, "t2")
     assert (plan2.skip_blocks, plan2.pull_blocks) == (3, 1)
-    assert commit_import(d_eng, plan2) == 1
+    assert commit_import(d_eng, plan2, turn2) == 1
     assert d_eng.kv.cached_prefix_blocks(h2) == 4
     d_eng.check_integrity()
 

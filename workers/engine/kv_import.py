@@ -82,11 +82,19 @@ def plan_import(engine: LLMEngine, block_hashes: Sequence[int], owner: str) -> I
     return ImportPlan(hashes, skip, hold_id, ids)
 
 
-def commit_import(engine: LLMEngine, plan: ImportPlan) -> int:
-    """The pulled blocks into the prefix cache; returns how many hold their hash now."""
+def commit_import(engine: LLMEngine, plan: ImportPlan,
+                  token_ids: Sequence[int] | None = None) -> int:
+    """The pulled blocks into the prefix cache; returns how many hold their hash now.
+    A runner that keeps its own record of computed blocks (the mocker: ``import_blocks``)
+    is told about them; it needs the prompt's ``token_ids``."""
     if plan.hold_id is None:
         return 0
     skip = plan.skip_blocks
+    note = getattr(engine.runner, "import_blocks", None)
+    if note is not None:
+        if token_ids is None:
+            raise ValueError("this runner records computed blocks: pass the prompt's token_ids")
+        note(plan.dest_block_ids, token_ids, skip, engine.config.block_size)
     parent = plan.block_hashes[skip - 1] if skip else None
     return engine.kv.holds.commit(plan.hold_id, plan.block_hashes[skip:], parent)
 

@@ -126,6 +126,19 @@ class MockerRunner:
             i += take
         return parent, tokens
 
+    def import_blocks(self, block_ids, token_ids, first_block: int, block_size: int) -> None:
+        """Blocks ``first_block ..`` of a sequence of ``token_ids`` arrived from another worker
+        (disaggregation: ``workers.engine.kv_import``): record them in ``block_ids`` as if
+        computed here (the records are a function of the tokens alone)."""
+        bs = block_size
+        parent: int | None = None
+        for i in range(first_block + len(block_ids)):
+            parent = hash_block(parent, list(token_ids[i * bs:(i + 1) * bs]), self.seed)
+            if i >= first_block:
+                block_id = block_ids[i - first_block]
+                self._partial.pop(block_id, None)
+                self._full[block_id] = parent
+
     def _parent(self, seq: ScheduledSeq, k: int) -> int | None:
         if k == 0:
             return None

@@ -37,9 +37,11 @@ import grpc
 
 from ferry.v1 import worker_pb2_grpc
 from kvcache.events import KvEventBatch
+from kvcache.transfer.grpc_transport import SERVER_OPTIONS, KvTransferServicer
 from kvcache.wire import LoadReport
 from workers.engine.engine import LLMEngine, StepResult
 from workers.server.async_engine import AsyncEngine
+from workers.server.disagg import HandleTable, KvImporter
 from workers.server.worker_service import WorkerService
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,10 @@ class WorkerConfig:
     # Generate streams send at most one chunk per interval (the last one at once); tokens
     # produced meanwhile share the next chunk. 0: one chunk per engine step.
     stream_interval_s: float = 0.005
+    # Disaggregation (workers/server/disagg.py): a KV handle nobody released is released after
+    # kv_handle_ttl_s; a decode worker gives a pull kv_pull_timeout_s, then prefills locally.
+    kv_handle_ttl_s: float = 60.0
+    kv_pull_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker_id, str) or not _WORKER_ID.fullmatch(self.worker_id):
@@ -95,7 +101,8 @@ class WorkerConfig:
                 or not 0 <= self.stream_interval_s <= 1:
             raise ValueError(f"stream_interval_s must be a number of seconds in [0, 1] (0: a "
                              f"chunk per engine step), got {self.stream_interval_s!r}")
-        for name in ("load_report_interval_s", "load_heartbeat_s"):
+        for name in ("load_report_interval_s", "load_heartbeat_s", "kv_handle_ttl_s",
+                     "kv_pull_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value <= 0:
@@ -207,6 +214,9 @@ class WorkerServer:
         self._forwarder: _EventForwarder | None = None
         self._forwarder_task: asyncio.Task | None = None
         self._load_task: asyncio.Task | None = None
+        self.handles: HandleTable | None = None  # KV handles this worker hands out
+        self.importer: KvImporter | None = None  # KV pulls this worker makes
+        self._kv_transfer: KvTransferServicer | None = None
 
     async def start(self) -> str:
         """Bind and serve; return the address clients dial ("127.0.0.1:PORT")."""
@@ -218,10 +228,15 @@ class WorkerServer:
             await self._start_publisher(loop)
         on_step = self._forwarder.on_step if self._forwarder is not None else None
         self.aengine = AsyncEngine(self.engine, on_step=on_step)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.handles = HandleTable(self.aengine, cfg.worker_id, cfg.kv_handle_ttl_s)
+        self.importer = KvImporter(self.aengine, cfg.kv_pull_timeout_s)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
         self._service = WorkerService(self.aengine, cfg.worker_id, cfg.model, cfg.role.value,
-                                      stream_interval_s=cfg.stream_interval_s)
+                                      stream_interval_s=cfg.stream_interval_s,
+                                      handles=self.handles, importer=self.importer)
         worker_pb2_grpc.add_WorkerServicer_to_server(self._service, server)
+        self._kv_transfer = KvTransferServicer(self.handles.registry, self.importer.view)
+        self._kv_transfer.add_to_server(server)
         bind = _host_port(cfg.host, cfg.port)
         try:
             port = server.add_insecure_port(bind)
@@ -235,6 +250,7 @@ class WorkerServer:
         self._server = server
         await server.start()
         self.address = _dial_address(cfg.host, port)
+        self.handles.start(transport_address=self.address)
         if self._publisher is not None:
             self._load_task = loop.create_task(self._report_load())
         log.info("worker %s serving %s (%s) on %s", cfg.worker_id, cfg.model, cfg.role.value,
@@ -292,6 +308,13 @@ class WorkerServer:
             await asyncio.sleep(cfg.load_report_interval_s)
 
     async def _cleanup(self) -> None:
+        if self.importer is not None:
+            await self.importer.close()
+        if self.handles is not None:
+            await self.handles.close()  # releases every handle still out
+        if self._kv_transfer is not None:
+            await asyncio.to_thread(self._kv_transfer.close)
+            self._kv_transfer = None
         if self.aengine is not None:
             await asyncio.to_thread(self.aengine.shutdown)
         load_task, self._load_task = self._load_task, None

@@ -4,8 +4,12 @@ Generate, as seen from the client (see proto/ferry/v1/worker.proto for the whole
 
 - a request the worker cannot take as sent fails the call before any chunk with
   INVALID_ARGUMENT and a message saying what to change (empty prompt, unknown token, bad
-  sampling value, duplicate request id, ...); ``prefill_only`` and ``remote_prefill`` fail with
-  UNIMPLEMENTED (disaggregation is not served by this worker yet);
+  sampling value, duplicate request id, a ``remote_prefill`` handle that does not fit the
+  prompt, ...);
+- ``prefill_only`` (disaggregation step 1, :mod:`workers.server.disagg`): the request stops
+  after its first token; the last chunk carries ``kv_handle``, naming its pinned prompt blocks;
+- ``remote_prefill`` (step 2): the handle's KV is pulled into this worker's prefix cache before
+  the request starts (a failed pull means a local prefill; the request still completes);
 - otherwise one chunk per engine step that produced tokens for it, the last one with
   ``finished`` and a finish reason; several steps' tokens are merged into one chunk when the
   client reads slower than the engine writes, and when they come faster than one per
@@ -24,6 +28,7 @@ two steps, so the numbers are exact; Info answers the fixed configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import grpc
@@ -31,7 +36,8 @@ import grpc
 from ferry.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from kvcache.manager import PrefixCacheStats
 from workers.engine.engine import EngineStats, LLMEngine
-from workers.engine.types import InvalidRequestError
+from workers.engine.kv_import import ImportRefused
+from workers.engine.types import EngineRequest, InvalidRequestError
 from workers.server.async_engine import AsyncEngine
 from workers.server.convert import (
     chunk_from_output,
@@ -39,6 +45,7 @@ from workers.server.convert import (
     role_to_proto,
     stats_to_proto,
 )
+from workers.server.disagg import HandleTable, KvImporter
 from workers.server.generate_stream import StreamSession
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,9 @@ log = logging.getLogger(__name__)
 PREFILL_ONLY_UNIMPLEMENTED = (
     "prefill_only is not supported by this worker yet (disaggregated prefill is not "
     "implemented); send the request without prefill_only to run it aggregated")
+BOTH_DISAGG_FIELDS = (
+    "a request cannot be both prefill_only and remote_prefill; send prefill_only to the "
+    "prefill worker, then remote_prefill with its handle to the decode worker")
 REMOTE_PREFILL_UNIMPLEMENTED = (
     "remote_prefill is not supported by this worker yet (pulling KV from a prefill worker is "
     "not implemented); send the request without remote_prefill to prefill it here")
@@ -61,12 +71,21 @@ def _engine_snapshot(engine: LLMEngine) -> tuple[EngineStats, PrefixCacheStats, 
     return engine.stats(), engine.kv.prefix_stats(), detail
 
 
+def prefill_only_request(request: EngineRequest) -> EngineRequest:
+    """Disaggregation step 1: stop after the first token and pin the prompt's blocks."""
+    return dataclasses.replace(request, pin_prompt=True,
+                               sampling=dataclasses.replace(request.sampling, max_tokens=1))
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves Generate / Abort / Stats / Info for one engine."""
 
     def __init__(self, aengine: AsyncEngine, worker_id: str, model: str, role: str, *,
-                 stream_interval_s: float = 0.0) -> None:
+                 stream_interval_s: float = 0.0, handles: HandleTable | None = None,
+                 importer: KvImporter | None = None) -> None:
         self._aengine = aengine
+        self._handles = handles  # None: prefill_only is refused
+        self._importer = importer  # None: remote_prefill is refused
         self._interval = stream_interval_s
         self._sessions: set[StreamSession] = set()  # running GenerateStream calls
         self._draining = False
@@ -80,20 +99,39 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext):
-        if request.prefill_only:
+        prefill_only, remote = request.prefill_only, request.HasField("remote_prefill")
+        if prefill_only and self._handles is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, PREFILL_ONLY_UNIMPLEMENTED)
-        if request.HasField("remote_prefill"):
+        if remote and self._importer is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, REMOTE_PREFILL_UNIMPLEMENTED)
+        if prefill_only and remote:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, BOTH_DISAGG_FIELDS)
         try:
             engine_request = engine_request_from_proto(request)
-        except InvalidRequestError as exc:
+            if remote:
+                self._importer.check(engine_request.prompt_token_ids, request.remote_prefill)
+        except (InvalidRequestError, ImportRefused) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if prefill_only:
+            engine_request = prefill_only_request(engine_request)
+        elif remote:
+            await self._importer.run(engine_request.request_id, request.remote_prefill,
+                                     engine_request.prompt_token_ids)
         stream = self._aengine.generate(engine_request, self._interval)
         # The handler may be left suspended when the client goes away; this always runs.
         context.add_done_callback(lambda _ctx: stream.cancel())
+        if prefill_only:  # after the abort: drop a pin whose handle never went out
+            rid = engine_request.request_id
+            context.add_done_callback(lambda _ctx: self._handles.forget_request(rid))
         try:
             async for out in stream:
-                yield chunk_from_output(out)
+                chunk = chunk_from_output(out)
+                if out.pinned is not None:
+                    if context.cancelled():
+                        self._handles.release_pin(out.pinned)
+                    else:
+                        chunk.kv_handle.CopyFrom(self._handles.make(out.pinned))
+                yield chunk
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # a bug at add time: still a value in the stream
