@@ -2,35 +2,47 @@
 
 With a mocker worker whose passes take ~0 s, everything between a client and the engine is
 overhead: the OpenAI HTTP layer (aiohttp, SSE) or the ferry.v1 gRPC layer, the frontend
-(tokenize, pick a worker, detokenize), the frontend -> worker gRPC stream, and the worker's
-gRPC service around its AsyncEngine. For 1, 64 and 256 concurrent closed-loop streams of 16
-tokens each (EOS ignored) this prints requests/s and p50 / p99 latency (send to last byte) per
-path, and what each path adds over calling the same engine in-process (an
-:class:`~workers.server.async_engine.AsyncEngine` in this process, same concurrency, same
-run): ``+p50 = p50(path) - p50(in-process)``, likewise p99. It also prints the CPU time each
-process spent per request inside the window (client, frontends, worker) and how many stream
-messages a request took, which is where to look when the numbers are bad.
+(tokenize, pick a worker, detokenize), the frontend -> worker GenerateStream, and the
+worker's service around its AsyncEngine. The baseline is the same engine called in-process
+(an :class:`~workers.server.async_engine.AsyncEngine` in this process), measured in the same
+run. Each request streams 16 tokens (EOS ignored) and is read to its end and checked.
+
+Two measurements per path and concurrency (1, 64 and 256 streams by default):
+
+1. Throughput, closed loop: every stream sends its next request as soon as the previous one
+   ended. Prints requests/s, p50 / p99 latency (send to last byte), the stream messages a
+   request took, and the CPU time each process spent per request inside the window (load
+   generator, frontends, worker; in-process: that one process, engine thread included),
+   which is where to look when the numbers are bad.
+2. Added latency at equal load: the same streams paced at ``--rate`` requests/s in all
+   (serve_load.py: each request is due at a fixed time and its latency counts from then), for
+   the in-process engine and for each path; ``+p50 = p50(path) - p50(in-process)``, likewise
+   p99. A closed loop cannot measure this: at saturation its latency is streams / throughput
+   (Little's law), so it only restates the throughput. With one stream there is no load to
+   equalise: its added latency is that of the closed loop.
+
+Target (issue 3): >= 1,000 streamed requests/s at 64 concurrent streams on this 2-core
+machine, p50 added latency < 5 ms, for HTTP and gRPC; the last lines say whether it is met.
 
 Processes, all on 127.0.0.1 (see benchmarks/serve_procs.py and benchmarks/serve_load.py):
 one mocker worker (``serve_procs.py worker``: WorkerServer over a mocker LLMEngine, timing
 model at 1 ns a pass), ``--frontends`` frontend processes (``serve_procs.py frontend``:
-FrontendServer, OpenAI HTTP + ferry.v1 gRPC; several share the ports with SO_REUSEPORT), and
-one load generator process per measurement (``serve_load.py``: aiohttp SSE client for
-``/v1/completions`` (``--chat``: ``/v1/chat/completions``), or grpc.aio ``Ferry.Generate``).
-They are plain subprocesses, not Ray actors, so that only the serving path is measured. Every
-process started here is stopped by pid at the end, also on error or Ctrl-C (SIGTERM, then
-SIGKILL after a grace period); children also exit when this process dies (their stdin closes).
+FrontendServer, OpenAI HTTP + ferry.v1 gRPC; several share the ports with SO_REUSEPORT, as
+``ferry serve --frontends N`` runs them), and one load generator process per measurement
+(``serve_load.py``; by default the cheap clients of benchmarks/serve_clients.py, ``--client
+lib`` for aiohttp / grpc.aio). They are plain subprocesses, not Ray actors, so that only the
+serving path is measured, and all share this machine's cores. Every process started here is
+stopped by pid at the end, also on error or Ctrl-C (SIGTERM, then SIGKILL after a grace
+period); children also exit when this process dies (their stdin closes).
 
 Each measurement: ``--warmup`` seconds of load, then a ``--seconds`` window; bounded (a
 request taking over 30 s is an error; a load generator that does not report within
 warmup + seconds + 60 s is killed).
 
-Target (the issue): >= 1,000 streamed requests/s at 64 concurrent streams on a 2-core machine,
-p50 added latency < 5 ms.
-
 Run:
     .venv/bin/python benchmarks/serve_overhead.py [--concurrency 1,64,256] [--seconds 5]
-        [--paths inprocess,http,grpc] [--frontends 1] [--model smollm2] [--uvloop]
+        [--rate 1000] [--paths inprocess,http,grpc] [--frontends 2] [--uvloop]
+        [--stream-interval-ms 20] [--client raw|lib] [--model smollm2]
 """
 
 from __future__ import annotations
@@ -50,12 +62,16 @@ from serve_procs import Children, cpu_seconds, load_model, read_line, zero_laten
 
 HERE = Path(__file__).resolve().parent
 PATHS = ("inprocess", "http", "grpc")
+TARGET_RPS = 1000.0
+TARGET_ADDED_P50_MS = 5.0
+TARGET_CONCURRENCY = 64
 
 
 @dataclass
 class Cell:
     path: str
     concurrency: int
+    rate: float  # 0: closed loop
     result: LoadResult
     frontend_cpu_s: float = 0.0
     worker_cpu_s: float = 0.0
@@ -63,6 +79,14 @@ class Cell:
     def per_request_ms(self, cpu_s: float) -> float:
         n = self.result.completed_in_window
         return cpu_s * 1000.0 / n if n else float("nan")
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.result.latencies_ms, 50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.result.latencies_ms, 99)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -74,24 +98,24 @@ def percentile(values: list[float], q: float) -> float:
 
 # ---------------------------------------------------------------------- measurements
 
-def measure_inprocess(info, concurrency: int, args) -> Cell:
+def measure_inprocess(info, concurrency: int, rate: float, args) -> Cell:
     prompt_ids = tuple(info.tokenizer.encode(PROMPT, add_special_tokens=True))
     result = asyncio.run(inprocess_load(zero_latency_engine(info), prompt_ids, concurrency,
-                                        args.warmup, args.seconds, args.max_tokens))
-    return Cell("inprocess", concurrency, result)
+                                        args.warmup, args.seconds, args.max_tokens, rate=rate))
+    return Cell("inprocess", concurrency, rate, result)
 
 
-def measure_served(children: Children, path: str, target: str, concurrency: int, args,
-                   frontends: list, worker) -> Cell:
+def measure_served(children: Children, path: str, target: str, concurrency: int, rate: float,
+                   args, frontends: list, worker) -> Cell:
     argv = [str(HERE / "serve_load.py"), "--path", path, "--target", target,
             "--concurrency", str(concurrency), "--warmup", str(args.warmup),
             "--seconds", str(args.seconds), "--max-tokens", str(args.max_tokens),
-            "--channels", str(args.channels)]
+            "--channels", str(args.channels), "--client", args.client, "--rate", str(rate)]
     if args.chat:
         argv.append("--chat")
     if args.uvloop:
         argv.append("--uvloop")
-    load = children.spawn(f"load-{path}-{concurrency}", argv, ready_timeout_s=None)
+    load = children.spawn(f"load-{path}-{concurrency}-{rate:g}", argv, ready_timeout_s=None)
     deadline = time.monotonic() + args.warmup + args.seconds + 60.0
     servers = [worker, *frontends]
     cpu0: list[float] | None = None
@@ -101,8 +125,9 @@ def measure_served(children: Children, path: str, target: str, concurrency: int,
         while result is None:
             line = read_line(load.proc, max(0.0, deadline - time.monotonic()))
             if line is None:
-                raise RuntimeError(f"the load generator {load.name} stopped or timed out; its "
-                                   f"log ({load.log_path}) ends with:\n{load.log_tail()}")
+                raise RuntimeError(f"the load generator {load.name} stopped (exit code "
+                                   f"{load.proc.poll()}) or timed out; its log "
+                                   f"({load.log_path}) ends with:\n{load.log_tail()}")
             if line == "WINDOW start":
                 cpu0 = [cpu_seconds(c.pid) for c in servers]
             elif line == "WINDOW end":
@@ -115,21 +140,28 @@ def measure_served(children: Children, path: str, target: str, concurrency: int,
     if cpu0 is None or cpu1 is None:
         raise RuntimeError(f"{load.name} reported no measuring window")
     used = [b - a for a, b in zip(cpu0, cpu1)]
-    return Cell(path, concurrency, result, frontend_cpu_s=sum(used[1:]), worker_cpu_s=used[0])
+    return Cell(path, concurrency, rate, result, frontend_cpu_s=sum(used[1:]),
+                worker_cpu_s=used[0])
 
 
 def start_stack(children: Children, args) -> tuple:
     flag = ["--uvloop"] if args.uvloop else []
+
+    def profile(name: str) -> list[str]:
+        return [] if args.profile_dir is None else \
+            ["--profile", str(args.profile_dir / f"{name}.prof")]
+
     interval = [] if args.stream_interval_ms is None else \
         ["--stream-interval-ms", str(args.stream_interval_ms)]
     worker = children.spawn("worker", [str(HERE / "serve_procs.py"), "worker",
-                                       "--model", args.model, *interval, *flag])
+                                       "--model", args.model, *interval, *flag,
+                                       *profile("worker")])
     frontends = []
     http_port = grpc_port = 0
     for i in range(args.frontends):
         argv = [str(HERE / "serve_procs.py"), "frontend", "--model", args.model,
                 "--worker", worker.info["address"], "--http-port", str(http_port),
-                "--grpc-port", str(grpc_port), *flag]
+                "--grpc-port", str(grpc_port), *flag, *profile(f"frontend-{i}")]
         if args.frontends > 1:
             argv.append("--reuse-port")
         fe = children.spawn(f"frontend-{i}", argv)
@@ -140,34 +172,76 @@ def start_stack(children: Children, args) -> tuple:
 
 # ---------------------------------------------------------------------- report
 
-def table(cells: list[Cell]) -> str:
-    base = {c.concurrency: c for c in cells if c.path == "inprocess"}
-    head = (f"{'path':<10} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'+p50 ms':>8} {'+p99 ms':>8} {'msg/req':>8} {'cpu ms/req: client':>19} "
-            f"{'frontend':>9} {'worker':>7} {'errors':>7}")
+def _ms(x: float) -> str:
+    return f"{x:8.2f}"
+
+
+def throughput_table(cells: list[Cell]) -> str:
+    head = (f"{'path':<10} {'streams':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'msg/req':>8} {_CPU_HEAD} {'errors':>7}")
     lines = [head, "-" * len(head)]
     for c in cells:
         r = c.result
-        p50, p99 = percentile(r.latencies_ms, 50), percentile(r.latencies_ms, 99)
-        b = base.get(c.concurrency)
-        if b is not None and c.path != "inprocess":
-            add50 = f"{p50 - percentile(b.result.latencies_ms, 50):8.2f}"
-            add99 = f"{p99 - percentile(b.result.latencies_ms, 99):8.2f}"
-        else:
-            add50 = add99 = f"{'-':>8}"
-        if c.path == "inprocess":
-            cpu = f"{'(one process)':>19} {'-':>9} {'-':>7}"
-        else:
-            cpu = (f"{c.per_request_ms(r.client_cpu_s):19.2f} "
-                   f"{c.per_request_ms(c.frontend_cpu_s):9.2f} "
-                   f"{c.per_request_ms(c.worker_cpu_s):7.2f}")
-        lines.append(f"{c.path:<10} {c.concurrency:>5} {r.rps:8.0f} {p50:8.2f} {p99:8.2f} "
-                     f"{add50} {add99} {r.messages_per_request:8.1f} {cpu} {r.errors:>7}")
-    errors = [f"  {c.path} x {c.concurrency}: {c.result.first_error}" for c in cells
-              if c.result.first_error]
-    if errors:
-        lines += ["first error per measurement:", *errors]
+        lines.append(f"{c.path:<10} {c.concurrency:>7} {r.rps:8.0f} {_ms(c.p50)} {_ms(c.p99)} "
+                     f"{r.messages_per_request:8.1f} {_cpu(c)} {r.errors:>7}")
     return "\n".join(lines)
+
+
+def latency_rows(closed: list[Cell], paced: list[Cell]) -> list[tuple[Cell, Cell | None]]:
+    """(cell, in-process cell at the same load) for the latency table: one stream from the
+    closed loop, more from the paced runs."""
+    rows = []
+    for c in [x for x in closed if x.concurrency == 1] + paced:
+        group = closed if c.concurrency == 1 else paced
+        base = next((b for b in group if b.path == "inprocess"
+                     and b.concurrency == c.concurrency), None)
+        rows.append((c, base))
+    return rows
+
+
+def _cpu(c: Cell) -> str:
+    """CPU ms per request: load generator (in-process: everything), frontends, worker."""
+    r = c.result
+    if c.path == "inprocess":  # everything in one process: its CPU time is all there is
+        return f"{c.per_request_ms(r.client_cpu_s):21.2f} {'-':>9} {'-':>7}"
+    return (f"{c.per_request_ms(r.client_cpu_s):21.2f} {c.per_request_ms(c.frontend_cpu_s):9.2f} "
+            f"{c.per_request_ms(c.worker_cpu_s):7.2f}")
+
+
+_CPU_HEAD = f"{'cpu ms/req: load gen':>21} {'frontends':>9} {'worker':>7}"
+
+
+def latency_table(rows: list[tuple[Cell, Cell | None]]) -> str:
+    head = (f"{'path':<10} {'streams':>7} {'load':>13} {'req/s':>8} {'p50 ms':>8} "
+            f"{'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {_CPU_HEAD} {'errors':>7}")
+    lines = [head, "-" * len(head)]
+    for c, base in rows:
+        load = "closed loop" if not c.rate else f"{c.rate:g} req/s"
+        if base is not None and c.path != "inprocess":
+            add = f"{_ms(c.p50 - base.p50)} {_ms(c.p99 - base.p99)}"
+        else:
+            add = f"{'-':>8} {'-':>8}"
+        lines.append(f"{c.path:<10} {c.concurrency:>7} {load:>13} {c.result.rps:8.0f} "
+                     f"{_ms(c.p50)} {_ms(c.p99)} {add} {_cpu(c)} {c.result.errors:>7}")
+    return "\n".join(lines)
+
+
+def verdict(closed: list[Cell], rows: list[tuple[Cell, Cell | None]]) -> list[str]:
+    out = []
+    for path in ("http", "grpc"):
+        tput = next((c for c in closed if c.path == path
+                     and c.concurrency == TARGET_CONCURRENCY), None)
+        lat = next(((c, b) for c, b in rows if c.path == path
+                    and c.concurrency == TARGET_CONCURRENCY and b is not None), None)
+        if tput is None or lat is None:
+            continue
+        added = lat[0].p50 - lat[1].p50
+        ok = tput.result.rps >= TARGET_RPS and added < TARGET_ADDED_P50_MS \
+            and not tput.result.errors and not lat[0].result.errors
+        out.append(f"target {path}: {tput.result.rps:.0f} req/s at {TARGET_CONCURRENCY} streams "
+                   f"(>= {TARGET_RPS:g}), +p50 {added:.2f} ms at {lat[0].rate:g} req/s "
+                   f"(< {TARGET_ADDED_P50_MS:g}): {'met' if ok else 'NOT met'}")
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -175,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2",
                    help="whose tokenizer and vocabulary to use (folder, .gguf or embedded name)")
     p.add_argument("--concurrency", default="1,64,256", help="comma-separated stream counts")
+    p.add_argument("--rate", type=float, default=TARGET_RPS,
+                   help="requests/s of the equal-load latency runs (0: skip them)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"some of {','.join(PATHS)}")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
     p.add_argument("--seconds", type=float, default=5.0, help="length of each window")
@@ -184,9 +260,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="the worker's stream_interval_s, in ms (default: WorkerConfig's)")
     p.add_argument("--channels", type=int, default=4, help="gRPC client connections")
+    p.add_argument("--client", choices=("raw", "lib"), default="raw",
+                   help="load generator clients: raw (serve_clients.py) or aiohttp / grpc.aio")
     p.add_argument("--chat", action="store_true", help="HTTP: /v1/chat/completions")
     p.add_argument("--uvloop", action="store_true", help="run every process on uvloop")
     p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--profile-dir", type=Path, default=None,
+                   help="run the worker and frontends under cProfile; stats go here")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
     args.paths = [x for x in args.paths.split(",") if x]
@@ -195,8 +275,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown path(s) {bad}; use some of {','.join(PATHS)}")
     if not args.concurrency or min(args.concurrency) < 1:
         p.error("--concurrency takes positive integers, e.g. 1,64,256")
-    if args.frontends < 1 or args.max_tokens < 1 or args.seconds <= 0 or args.warmup < 0:
-        p.error("--frontends and --max-tokens must be >= 1, --seconds > 0, --warmup >= 0")
+    if args.frontends < 1 or args.max_tokens < 1 or args.seconds <= 0 or args.warmup < 0 \
+            or args.rate < 0:
+        p.error("--frontends and --max-tokens must be >= 1, --seconds > 0, --warmup and "
+                "--rate >= 0")
     return args
 
 
@@ -208,32 +290,56 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up on kill as on Ctrl-C
     info = load_model(args.model)
-    cells: list[Cell] = []
+    closed: list[Cell] = []
+    paced: list[Cell] = []
     log_dir = Path(tempfile.mkdtemp(prefix="ferry-serve-overhead-"))
     children = Children(log_dir)
+    loads = [(n, 0.0) for n in args.concurrency]
+    if args.rate:
+        loads += [(n, args.rate) for n in args.concurrency if n > 1]
+
+    def note(cell: Cell) -> None:
+        (paced if cell.rate else closed).append(cell)
+        how = f"at {cell.rate:g} req/s" if cell.rate else "closed loop"
+        print(f"{cell.path} x {cell.concurrency} {how}: {cell.result.rps:.0f} req/s, "
+              f"p50 {cell.p50:.2f} ms", file=sys.stderr)
+
     try:
         if "inprocess" in args.paths:
-            for n in args.concurrency:
-                cells.append(measure_inprocess(info, n, args))
-                print(f"inprocess x {n}: {cells[-1].result.rps:.0f} req/s", file=sys.stderr)
+            for n, rate in loads:
+                note(measure_inprocess(info, n, rate, args))
         served = [p for p in args.paths if p != "inprocess"]
         if served:
             worker, frontends, http, grpc = start_stack(children, args)
             for path in served:
-                for n in args.concurrency:
-                    cell = measure_served(children, path, http if path == "http" else grpc,
-                                          n, args, frontends, worker)
-                    cells.append(cell)
-                    print(f"{path} x {n}: {cell.result.rps:.0f} req/s", file=sys.stderr)
+                for n, rate in loads:
+                    note(measure_served(children, path, http if path == "http" else grpc,
+                                        n, rate, args, frontends, worker))
     finally:
         children.stop_all()
+    interval = "WorkerConfig default" if args.stream_interval_ms is None \
+        else f"{args.stream_interval_ms:g} ms"
     print(f"serving overhead: {args.max_tokens} tokens/request, {args.frontends} frontend "
-          f"process(es), window {args.seconds:g} s after {args.warmup:g} s warmup, "
-          f"uvloop {'on' if args.uvloop else 'off'}, logs in {log_dir}")
-    print(table(cells))
+          f"process(es), stream interval {interval}, {args.client} clients, uvloop "
+          f"{'on' if args.uvloop else 'off'}, windows of {args.seconds:g} s after "
+          f"{args.warmup:g} s warmup; logs in {log_dir}")
+    print("\nthroughput (closed loop):")
+    print(throughput_table(closed))
+    rows = latency_rows(closed, paced)
+    print("\nadded latency at equal load (1 stream: closed loop; more: paced):")
+    print(latency_table(rows))
+    errors = [f"  {c.path} x {c.concurrency}: {c.result.first_error}" for c in closed + paced
+              if c.result.first_error]
+    if errors:
+        print("first error per measurement:", *errors, sep="\n")
+    lines = verdict(closed, rows)
+    if lines:
+        print()
+        print(*lines, sep="\n")
     if args.json:
-        args.json.write_text(json.dumps([{**asdict(c), "rps": c.result.rps} for c in cells]))
-    return 1 if any(c.result.errors for c in cells) else 0
+        args.json.write_text(json.dumps([{**asdict(c), "rps": c.result.rps}
+                                         for c in closed + paced]))
+    return 1 if any(c.result.errors for c in closed + paced) else 0
 
 
 if __name__ == "__main__":

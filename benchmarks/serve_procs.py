@@ -17,7 +17,9 @@ Process protocol (child side / parent side):
 The worker is a mocker engine (real scheduler, KV manager and block pool; no model) whose
 timing model says every pass takes 1 ns (:func:`zero_latency_engine`), on a wall clock: each
 step still sleeps (the shortest sleep the OS gives, tens of microseconds) and so releases the
-GIL, as a real forward pass would. The frontend is the real :class:`FrontendServer` (OpenAI
+GIL, as a real forward pass would. With ``--profile FILE`` a child runs under cProfile timed by its main thread's CPU time (on a
+shared machine, wall time charges a syscall with the time other processes ran meanwhile) and
+writes the stats at exit. The frontend is the real :class:`FrontendServer` (OpenAI
 HTTP and ferry.v1 gRPC; KServe off). Several frontends share the same ports with
 SO_REUSEPORT: the first binds free ports, the others bind the same ones.
 """
@@ -157,16 +159,31 @@ def _child_main(argv: list[str] | None = None) -> None:
     f.add_argument("--http-port", type=int, default=0)
     f.add_argument("--grpc-port", type=int, default=0)
     f.add_argument("--reuse-port", action="store_true")
-    f.add_argument("--uvloop", action="store_true")
-    w.add_argument("--uvloop", action="store_true")
+    for sp in (w, f):
+        sp.add_argument("--uvloop", action="store_true")
+        sp.add_argument("--profile", type=Path, default=None,
+                        help="run under cProfile (main thread, CPU time) and write its stats "
+                             "to this file at exit")
     args = parser.parse_args(argv)
     run = _worker_main if args.role == "worker" else _frontend_main
-    if args.uvloop:
-        import uvloop
+    profiler = None
+    if args.profile is not None:
+        import cProfile
+        import time as _time
 
-        uvloop.run(run(args))
-    else:
-        asyncio.run(run(args))
+        profiler = cProfile.Profile(_time.thread_time)  # CPU time, not wall: see the docstring
+        profiler.enable()
+    try:
+        if args.uvloop:
+            import uvloop
+
+            uvloop.run(run(args))
+        else:
+            asyncio.run(run(args))
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
 
 
 # ---------------------------------------------------------------------- parent side
@@ -238,7 +255,7 @@ class Children:
             child = self.children.pop()
             try:
                 self.stop(child)
-            except BaseException as exc:  # keep stopping the others; then kill this one
+            except BaseException as exc:  # noqa: BLE001 - keep stopping the others
                 if child.proc.poll() is None:
                     child.proc.kill()
                 print(f"stopping {child.name} (pid {child.pid}) failed: {exc!r}",

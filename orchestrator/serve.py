@@ -4,7 +4,9 @@ together.
 Start order: Ray (local, or joined with ``ray_address``) -> nats-server with JetStream (ours
 unless ``nats_url`` is given) -> worker actors (engines built in parallel, each behind its gRPC
 server; ``workers`` aggregated ones ``w0, w1, ...``, or ``prefill_workers`` prefill ones
-``p0, ...`` and ``decode_workers`` decode ones ``d0, ...`` for a disaggregated deployment) -> the frontend in this process (OpenAI HTTP, ferry.v1 gRPC, KServe v2 gRPC), which
+``p0, ...`` and ``decode_workers`` decode ones ``d0, ...`` for a disaggregated deployment) -> the frontend in this process (OpenAI HTTP, ferry.v1 gRPC, KServe v2 gRPC; with
+``frontends`` > 1 also that many - 1 child frontend processes on the same ports, see
+orchestrator/frontend_process.py), which
 dials every worker, with its router (orchestrator/routing/: ``--router kv`` by default, fed by
 the workers' KV events and load reports over NATS; a worker whose block size or hash seed
 differs from the router's is refused and serve fails to start). Stop order is the reverse; every step that started something undoes it,
@@ -18,15 +20,16 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrator import ray_cluster
-from orchestrator.control_plane import ControlPlane
 from orchestrator.frontend.config import FrontendConfig
 from orchestrator.frontend.core import Frontend
 from orchestrator.frontend.server import FrontendServer
+from orchestrator.frontend_process import FrontendProcesses, FrontendSpec
 from orchestrator.nats_server import NatsServer
 from orchestrator.routing import RoutingConfig, RoutingService
 from orchestrator.worker_actor import WorkerEndpoint, WorkerSpec
@@ -34,7 +37,6 @@ from router.disagg import DisaggConfig
 from router.types import RouterMode
 from workers.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model
 from workers.engine.config import EngineConfig
-from workers.loader.tokenizer_loader import load_model_info
 from workers.mocker.timing import TimingModel
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class ServeConfig:
     prefill_workers: int = 0
     decode_workers: int = 0
     disagg: DisaggConfig = field(default_factory=DisaggConfig)  # local or remote prefill
+    # Frontend processes sharing the ports (SO_REUSEPORT): this one and frontends - 1 children
+    # (orchestrator/frontend_process.py), each with its own router replica.
+    frontends: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
@@ -77,6 +82,10 @@ class ServeConfig:
             if self.workers != 1:
                 raise ValueError("give either --workers N (aggregated workers) or "
                                  "--prefill-workers P --decode-workers D (disaggregated), not both")
+        if isinstance(self.frontends, bool) or not isinstance(self.frontends, int) \
+                or self.frontends < 1:
+            raise ValueError(f"--frontends must be at least 1 (one process per core is the most "
+                             f"that helps), got {self.frontends!r}")
         if not isinstance(self.disagg, DisaggConfig):
             raise TypeError(f"disagg must be a DisaggConfig, got {type(self.disagg).__name__}")
         modes = [m.value for m in RouterMode]
@@ -95,6 +104,7 @@ class Endpoints:
     ray: str
     model: str
     workers: tuple[WorkerEndpoint, ...]
+    frontends: tuple[int, ...] = ()  # pids of the frontend processes beyond this one
 
     def lines(self) -> list[str]:
         roles = [w.role for w in self.workers]
@@ -110,6 +120,9 @@ class Endpoints:
             f"  NATS          {self.nats}",
             f"  Ray           {self.ray}",
         ]
+        if self.frontends:
+            out.append(f"  frontends     {len(self.frontends) + 1} processes on these ports "
+                       f"(pids {os.getpid()} {' '.join(map(str, self.frontends))})")
         out += [f"  worker {w.worker_id:<8} {w.address}  pid {w.pid}"
                 + ("" if w.role == "aggregated" else f"  ({w.role})") for w in self.workers]
         return out
@@ -140,9 +153,22 @@ def worker_specs(cfg: ServeConfig, nats_url: str, vocab: int, max_len: int) -> l
     ]
 
 
+def run_event_loop(coro) -> object:
+    """Run ``coro`` to its end on uvloop (what the frontends use: a cheaper event loop), or
+    on asyncio's own loop where uvloop is not installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def run_serve(cfg: ServeConfig, on_ready: Callable[[Endpoints], None],
               stop: asyncio.Event | None = None) -> None:
     """Run the deployment until SIGINT/SIGTERM (or ``stop`` is set); always cleans up."""
+    from orchestrator.control_plane import ControlPlane  # imports Ray
+    from workers.loader.tokenizer_loader import load_model_info  # imports torch
+
     info = load_model_info(resolve_model(cfg.model))
     max_len = cfg.engine.max_model_len or info.config.max_position_embeddings
     owns_ray = ray_cluster.connect(cfg.ray_address)
@@ -155,7 +181,8 @@ def run_serve(cfg: ServeConfig, on_ready: Callable[[Endpoints], None],
         plane = ControlPlane()
         endpoints = plane.start_workers(
             worker_specs(cfg, nats_url, info.tokenizer.vocab_size, max_len))
-        asyncio.run(_serve_frontend(cfg, info.tokenizer, endpoints, nats_url, on_ready, stop))
+        run_event_loop(_serve_frontend(cfg, info.tokenizer, endpoints, nats_url, on_ready,
+                                       stop))
     finally:
         if plane is not None:
             plane.stop_all()
@@ -207,14 +234,21 @@ async def _serve_frontend(cfg, tokenizer, workers, nats_url, on_ready, stop) -> 
         loop.add_signal_handler(sig, stop.set)
     async with serving_frontend(cfg, tokenizer, workers, nats_url) as (frontend, _):
         server = FrontendServer(frontend, host=cfg.host, http_port=cfg.http_port,
-                                grpc_port=cfg.grpc_port, kserve_port=cfg.kserve_grpc_port)
+                                grpc_port=cfg.grpc_port, kserve_port=cfg.kserve_grpc_port,
+                                reuse_port=cfg.frontends > 1)
         ports = await server.start()
+        children = FrontendProcesses()
         try:
+            specs = [FrontendSpec(cfg, tokenizer, tuple(workers), nats_url, ports.http,
+                                  ports.grpc, ports.kserve, i) for i in range(1, cfg.frontends)]
+            pids = await asyncio.to_thread(children.start, specs) if specs else []
             ray_addr = ray.get_runtime_context().gcs_address
             on_ready(Endpoints(http=f"http://{cfg.host}:{ports.http}",
                                grpc=f"{cfg.host}:{ports.grpc}",
                                kserve_grpc=f"{cfg.host}:{ports.kserve}", nats=nats_url,
-                               ray=ray_addr, model=frontend.model_name, workers=tuple(workers)))
+                               ray=ray_addr, model=frontend.model_name, workers=tuple(workers),
+                               frontends=tuple(pids)))
             await stop.wait()
         finally:
+            await asyncio.to_thread(children.stop)
             await server.stop()

@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--kserve-grpc-port", type=int, default=8002)
+    p.add_argument("--frontends", type=int, default=1, metavar="N",
+                   help="frontend processes sharing the ports, each with its own router "
+                        "replica (one Python process uses at most one core; default 1)")
     p.add_argument("--nats-url", default=None,
                    help="use this NATS (JetStream on); default: start our own nats-server")
     p.add_argument("--address", default=None,
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             disagg=disagg, host=args.host, http_port=args.http_port,
             grpc_port=args.grpc_port, kserve_grpc_port=args.kserve_grpc_port,
             nats_url=args.nats_url, ray_address=args.address, router=args.router,
-            runner=args.runner, engine=engine,
+            runner=args.runner, engine=engine, frontends=args.frontends,
             kv_cache_bytes=None if args.num_blocks else args.kv_cache_memory_mib * 2**20)
     except ValueError as exc:
         print(f"ferry serve: {exc}", file=sys.stderr)

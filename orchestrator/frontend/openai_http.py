@@ -8,6 +8,10 @@ for a request to change (the message says what), 404 for an unknown model, 503 w
 worker is ready, 500 for a failure of ours. A failure after a stream started is one
 ``data: {"error": ...}`` event followed by ``data: [DONE]``.
 
+Writes: a streamed response costs one socket send per SSE write, which is most of what a
+token costs here, so the headers go out with the first event and the last delta, the usage
+event and ``[DONE]`` with the end of the chunked body, all in one write.
+
 Client disconnects: the app must run with ``handler_cancellation=True`` (FrontendServer does):
 aiohttp then cancels the handler when the client goes away, which cancels the generation
 stream and with it the worker call, even while no token is being written.
@@ -64,6 +68,13 @@ def _frontend_error(e: FrontendError) -> web.Response:
 def _json(obj: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=json.dumps(obj).encode(),
                         content_type="application/json")
+
+
+class _SSEResponse(web.StreamResponse):
+    """A streamed response whose status line and headers wait for the first event and go
+    out in the same write (one send less per request; aiohttp's own Response does the same)."""
+
+    _send_headers_immediately = False
 
 
 @web.middleware
@@ -126,10 +137,11 @@ class OpenAIHttpApi:
             return _json(build(request_id, created, model, done.text, done.finish_reason,
                                done.usage))
         sse = SSEWriter(chat, request_id, created, model)
-        response = web.StreamResponse(headers=_SSE_HEADERS)
+        response = _SSEResponse(headers=_SSE_HEADERS)
+        ended = False
         try:
             async with aclosing(stream):
-                await response.prepare(request)
+                await response.prepare(request)  # the headers go out with the first event
                 if chat:
                     await response.write(sse.first())
                 async for chunk in stream:
@@ -144,8 +156,10 @@ class OpenAIHttpApi:
                         last = sse.delta(chunk.text, chunk.finish_reason.value)
                         if parsed.include_usage:
                             last += sse.usage(chunk.usage)
-                    await response.write(last + SSEWriter.DONE)
-            await response.write_eof()
+                    ended = True
+                    await response.write_eof(last + SSEWriter.DONE)  # one write for the end
+            if not ended:
+                await response.write_eof()
         except ConnectionResetError:
             pass  # the client went away; the stream (and the worker call) is closed above
         return response
