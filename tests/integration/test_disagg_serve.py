@@ -192,3 +192,23 @@ def test_killing_the_prefill_worker_while_requests_run(served, client, model_dir
     assert after[("remote", "long_prefill")] - before.get(("remote", "long_prefill"), 0) >= 2
     assert after.get(("local", "prefill_failed"), 0) + \
         after.get(("local", "no_prefill_worker"), 0) >= 1
+
+
+def test_smollm2_disaggregated_greedy_equals_generate(capsys):
+    serve = ServeProcess("--model", "smollm2", "--prefill-workers", "1", "--decode-workers", "1",
+                         "--max-local-prefill-tokens", "0", "--kv-cache-memory-mib", "64")
+    try:
+        client = openai.OpenAI(base_url=serve.http + "/v1", api_key="unused", max_retries=0)
+        question = "What is the capital of France?"
+        chat = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": question}], max_tokens=24,
+            temperature=0)
+        assert decisions(serve) == {("remote", "long_prefill"): 1}
+        assert ferry_cli(["generate", "--chat", "--prompt", question, "--max-tokens", "24",
+                          "--json"]) == 0
+        expected = json.loads(capsys.readouterr().out)["text"]
+        assert chat.choices[0].message.content == expected
+        assert "Paris" in expected
+        idle(serve)
+    finally:
+        assert serve.stop() == 0
