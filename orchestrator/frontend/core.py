@@ -10,6 +10,8 @@ One request (``await Frontend.generate(input)`` then ``async for chunk in stream
 2. The stream asks the picker for a worker among the ready ones and calls
    ``Worker.Generate``. A worker that answers "no capacity" (RESOURCE_EXHAUSTED) or cannot be
    reached before the first token is left out and another is tried, ``max_attempts`` in all.
+   With prefill or decode workers registered, :mod:`orchestrator.frontend.disagg` plans each
+   attempt instead: a decode worker (never a prefill worker) and maybe a prefill hop first.
 3. Each worker chunk's tokens go through an :class:`IncrementalDetokenizer` (stop strings are
    applied here, not by the worker: the worker gets only stop token ids, with the tokenizer's
    EOS ids added unless ``ignore_eos``). A chunk is yielded per worker chunk with tokens.
