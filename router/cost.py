@@ -9,7 +9,18 @@ is always computed) and a worker holding its first ``overlap`` blocks:
 
 ``queued_prefill_blocks`` (prompt work ahead of this request) and ``decode_blocks`` (blocks of
 running requests: each decode step reads them all) come from :class:`~router.types.WorkerLoad`.
-Prefill work is compute bound and delays the first token, decode blocks slow every step.
+The cost is an estimate of the wait for the first token, in units of "one prompt block to
+prefill": engines schedule first come first served, so a new request's first token comes after
+every queued prompt block and its own uncached ones. Decode blocks delay it far less: a decode
+step reads each block once, and the steps that prefill the request carry the running decodes
+along (with the issue's timing model a prompt block costs about 1 ms to prefill, while 1,000
+decode blocks add about 3 ms to a step, and a long prompt is prefilled in steps of
+``max_num_batched_tokens``). Hence the default ``decode_weight`` of 0.1, ten times below the
+prefill weight: it still breaks near-ties towards workers decoding less (shorter inter-token
+latency, and room in their caches), without sending a request away from its cached prefix
+because of the decoding going on there. On the synthetic trace (8 workers, ``ferry replay
+--offline``) 0.1 cut the mean TTFT at 4x speed by a quarter against 1.0, with higher reuse;
+0.03 to 0.1 performed alike.
 
 Choice:
 
@@ -40,7 +51,7 @@ from router.types import WorkerCost, WorkerLoad
 @dataclass(frozen=True)
 class CostConfig:
     prefill_weight: float = 1.0
-    decode_weight: float = 1.0
+    decode_weight: float = 0.1  # per decode block, in prefill blocks (see the docstring)
     temperature: float = 0.0  # 0: argmin; > 0: softmax sampling (see the module docstring)
     busy_kv_usage: float | None = 0.95  # skip workers at or above this KV usage (0..1]
     busy_prefill_blocks: float | None = None  # skip workers with this much prefill queued

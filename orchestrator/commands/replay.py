@@ -23,6 +23,11 @@ from workers.mocker.timing import TimingModel
 
 _D = ReplayConfig(trace=Path("-"))
 _T = TimingModel()
+_C = CostConfig()
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else float(text)
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -57,6 +62,21 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                              ("--decode-p", "p"), ("--decode-q", "q"), ("--decode-r", "r")):
         t.add_argument(flag, type=float, default=getattr(_T, field_name),
                        help="default %(default)s")
+    c = p.add_argument_group("router cost (kv, approx): prefill_weight * (uncached + queued "
+                             "prefill blocks) + decode_weight * decode blocks; see router/cost.py")
+    c.add_argument("--prefill-weight", type=float, default=_C.prefill_weight,
+                   help="default %(default)s")
+    c.add_argument("--decode-weight", type=float, default=_C.decode_weight,
+                   help="default %(default)s")
+    c.add_argument("--temperature", type=float, default=_C.temperature,
+                   help="0: lowest cost wins; > 0: softmax sampling (default %(default)s)")
+    c.add_argument("--busy-kv-usage", type=_optional_float, default=_C.busy_kv_usage,
+                   help="skip workers at or above this KV usage, 'none': off "
+                        "(default %(default)s)")
+    c.add_argument("--busy-prefill-blocks", type=_optional_float,
+                   default=_C.busy_prefill_blocks,
+                   help="skip workers with this many prefill blocks queued, 'none': off "
+                        "(default %(default)s)")
     p.add_argument("--limit", type=int, default=None,
                    help="replay only the first N requests of the trace")
     p.add_argument("--json", type=Path, default=None, metavar="OUT",
@@ -69,12 +89,15 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
     """The :class:`ReplayConfig` of parsed arguments (ValueError on bad values)."""
     timing = TimingModel(a=args.prefill_a, b=args.prefill_b, c=args.prefill_c,
                          p=args.decode_p, q=args.decode_q, r=args.decode_r)
+    cost = CostConfig(prefill_weight=args.prefill_weight, decode_weight=args.decode_weight,
+                      temperature=args.temperature, busy_kv_usage=args.busy_kv_usage,
+                      busy_prefill_blocks=args.busy_prefill_blocks)
     return ReplayConfig(
         trace=args.trace, workers=args.workers, prefill_workers=args.prefill_workers,
         decode_workers=args.decode_workers, router=args.router, speedup=args.speedup,
         block_size=args.block_size, num_blocks=args.num_blocks,
         max_num_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
-        timing=timing, cost=CostConfig(), limit=args.limit, seed=args.seed)
+        timing=timing, cost=cost, limit=args.limit, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> int:

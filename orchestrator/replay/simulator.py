@@ -12,8 +12,9 @@ arrivals:
 
 - arrival of trace request ``k`` at ``timestamp_ms / 1000 / speedup``: its prompt token ids
   (:func:`router.trace.trace_token_ids`) are hashed once (:func:`kvcache.hashing.hash_blocks`)
-  for the router and the oracle, the router picks a worker (``route`` at time ``t``) and the
-  worker's engine queues the request (arrival time ``t``).
+  for the router and the oracle, the router picks a worker (``route`` at time ``t``, told the
+  prompt only, as in the live frontend) and the worker's engine queues the request (arrival
+  time ``t``).
 - an idle worker with unfinished requests starts a step at ``t``: its clock jumps to ``t``,
   ``engine.step()`` schedules and runs the batch, and the mocker's modelled duration ``d``
   puts the step's completion at ``t + d``. The worker is busy until then; requests routed to
@@ -186,8 +187,8 @@ class OfflineReplay:
         tokens = trace_token_ids(tr, self.config.vocab_size)
         hashes = tuple(hash_blocks(tokens, self._hash_config))
         oracle_blocks = self._oracle.add(hashes, len(tokens))
-        decision = self.router.route(RouteRequest(rid, len(tokens), None, hashes,
-                                                  tr.output_length))
+        # No output length: the live frontend's router does not know it either.
+        decision = self.router.route(RouteRequest(rid, len(tokens), None, hashes))
         assert decision is not None  # workers are registered
         wid = decision.worker_id
         tally = self._tally

@@ -77,12 +77,16 @@ def test_cli_flags_reach_the_config():
     args = parse("x.jsonl", "--offline", "--workers", "3", "--router", "approx", "--speedup",
                  "2.5", "--block-size", "16", "--num-blocks", "100", "--max-batched-tokens",
                  "512", "--max-num-seqs", "7", "--prefill-a", "0", "--decode-r", "2",
-                 "--limit", "9", "--seed", "4")
+                 "--limit", "9", "--seed", "4", "--decode-weight", "0.5", "--busy-kv-usage",
+                 "none", "--busy-prefill-blocks", "300", "--temperature", "0.2")
     c = replay_cmd.build_config(args)
     assert (c.trace, c.workers, c.router, c.speedup, c.block_size, c.num_blocks,
             c.max_num_batched_tokens, c.max_num_seqs, c.limit, c.seed) == (
         Path("x.jsonl"), 3, RouterMode.APPROX, 2.5, 16, 100, 512, 7, 9, 4)
     assert c.timing == TimingModel(a=0.0, r=2.0)
+    assert c.cost == CostConfig(decode_weight=0.5, busy_kv_usage=None, busy_prefill_blocks=300,
+                                temperature=0.2)
+    assert replay_cmd.build_config(parse("x.jsonl")).cost == CostConfig()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -91,6 +95,9 @@ def test_cli_flags_reach_the_config():
     (["--prefill-workers", "1", "--decode-workers", "1"],
      f"ferry replay: {DISAGG_NOT_SUPPORTED}"),
     (["--limit", "-3"], "ferry replay: limit must be an integer >= 1"),
+    (["--decode-weight", "-1"], ("ferry replay: CostConfig.decode_weight must be a finite "
+                                 "number >= 0")),
+    (["--busy-kv-usage", "1.5"], "ferry replay: CostConfig.busy_kv_usage must be in (0, 1]"),
 ])
 def test_cli_bad_values_exit_2_with_the_message(tmp_path, capsys, argv, message):
     trace = tmp_path / "t.jsonl"

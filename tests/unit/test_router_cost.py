@@ -33,9 +33,14 @@ CASES = [
     (10, {"w0": 8}, [load("w0"), load("w1")], CostConfig(), "w0", 2.0),
     # queued prefill outweighs the cache: 2 + 20 > 10
     (10, {"w0": 8}, [load("w0", prefill=20), load("w1")], CostConfig(), "w1", 10.0),
-    # decode blocks count too: 2 + 9 > 10
-    (10, {"w0": 8}, [load("w0", decode=9), load("w1")], CostConfig(), "w1", 10.0),
-    # ... unless decode weighs less: 2 + 0.5 * 9 < 10
+    # decode blocks count too, a tenth of a prefill block each: 2 + 0.1 * 90 > 10
+    (10, {"w0": 8}, [load("w0", decode=90), load("w1")], CostConfig(), "w1", 10.0),
+    # ... but far less than queued prefill: 2 + 0.1 * 70 < 10
+    (10, {"w0": 8}, [load("w0", decode=70), load("w1")], CostConfig(), "w0", 9.0),
+    # at decode weight 1, as much as prefill: 2 + 9 > 10
+    (10, {"w0": 8}, [load("w0", decode=9), load("w1")], CostConfig(decode_weight=1.0), "w1",
+     10.0),
+    # ... and at 0.5: 2 + 0.5 * 9 < 10
     (10, {"w0": 8}, [load("w0", decode=9), load("w1")], CostConfig(decode_weight=0.5), "w0",
      6.5),
     # a heavier prefill weight favours the cache: 2*(2+3) < 2*10
@@ -75,7 +80,7 @@ def test_breakdown_fields():
     c = worker_cost(10, 7, load("w", prefill=2, decode=5, used=40, total=80),
                     CostConfig(prefill_weight=3.0))
     assert (c.overlap_blocks, c.uncached_blocks, c.queued_prefill_blocks, c.decode_blocks,
-            c.kv_usage, c.busy, c.cost) == (7, 3, 2, 5, 0.5, False, 3.0 * (3 + 2) + 5)
+            c.kv_usage, c.busy, c.cost) == (7, 3, 2, 5, 0.5, False, 3.0 * (3 + 2) + 0.1 * 5)
 
 
 def test_all_busy_is_flagged():

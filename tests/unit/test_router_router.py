@@ -27,7 +27,8 @@ class Clock:
 
 def router(mode: str, workers=("w0", "w1", "w2"), seed: int = 0, **kwargs):
     clock = Clock()
-    cost = kwargs.pop("cost_config", CostConfig())
+    # decode weight 1: the in-flight accounting below shows in the costs as whole blocks
+    cost = kwargs.pop("cost_config", CostConfig(decode_weight=1.0))
     r = make_router(mode, CFG, cost, seed=seed, clock=clock, **kwargs)
     for w in workers:
         r.add_worker(WorkerInfo(w, CFG, capacity_blocks=100))
