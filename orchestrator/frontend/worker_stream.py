@@ -16,6 +16,9 @@ iterator of ``WorkerGenerateResponse`` chunks with ``cancel()``; failures raise
   cleanly), as a broken ``Generate`` call would; the next request opens a new stream.
 - cancelling a :class:`StreamCall` (``cancel()``) sends its id to cancel; its later chunks
   are dropped.
+- a request whose consumer lags gets the chunks that piled up merged into one (tokens
+  concatenated, the other fields from the newest), as the worker itself would have sent them:
+  under load a request then costs the frontend fewer detokenizer calls and client writes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,21 @@ from ferry.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 _ENDED = "the worker ended its GenerateStream (it is shutting down); retry on another worker"
+
+
+def _merge(first: worker_pb2.WorkerGenerateResponse,
+           rest: collections.deque) -> worker_pb2.WorkerGenerateResponse:
+    """One chunk with the tokens of ``first`` and all of ``rest`` (emptied), the rest of its
+    fields from the newest: what the worker sends when its reader lags (worker.proto)."""
+    tokens = list(first.new_token_ids)
+    last = first
+    while rest:
+        last = rest.popleft()
+        tokens.extend(last.new_token_ids)
+    merged = worker_pb2.WorkerGenerateResponse()
+    merged.CopyFrom(last)
+    merged.new_token_ids[:] = tokens
+    return merged
 
 
 def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -78,6 +96,8 @@ class StreamCall:
             finally:
                 self._waiter = None
         chunk = chunks.popleft()
+        if chunks:  # the reader fell behind: hand over everything there is as one chunk
+            chunk = _merge(chunk, chunks)
         return chunk
 
     def cancel(self) -> bool:

@@ -336,3 +336,25 @@ def test_frontend_text_over_generate_stream_equals_the_engines(tmp_path):
             await wait_no_blocks(stub)
 
     run(main())
+
+
+def test_a_lagging_consumer_gets_the_piled_up_chunks_merged():
+    request = wire_request("lag", PROMPTS[0], max_tokens=12)
+    want = engine_tokens([request])["lag"]
+
+    async def main():
+        async with serving(slow_runner(), stream_interval_s=0.0) as (_, stub):
+            ws = WorkerStream(stub, "w-stream")
+            call = ws.generate(request)
+            first = await call.__anext__()
+            k = len(first.new_token_ids)
+            assert 1 <= k < 12 and list(first.new_token_ids) == list(want[:k])
+            await wait_no_blocks(stub)  # the worker is done: every chunk reached the frontend
+            rest = [c async for c in call]
+            assert len(rest) == 1  # all that piled up, as one chunk
+            assert list(rest[0].new_token_ids) == list(want[k:])
+            assert rest[0].finished and rest[0].finish_reason == LENGTH
+            assert rest[0].num_prompt_tokens == len(PROMPTS[0])
+            await ws.close()
+
+    run(main())
