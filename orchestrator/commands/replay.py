@@ -113,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             from orchestrator.replay.online import run_online
 
-            report = run_online(config, requests)
+            try:
+                report = run_online(config, requests)
+            except (RuntimeError, OSError) as e:  # the live cluster could not start or run
+                print(f"ferry replay: the online replay failed: {e}", file=sys.stderr)
+                return 1
     except ValueError as e:
         print(f"ferry replay: {e}", file=sys.stderr)
         return 2

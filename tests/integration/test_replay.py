@@ -9,12 +9,14 @@ first 300 lines), offline and online.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
 from orchestrator.replay.config import ReplayConfig
-from orchestrator.replay.online import run_online
+from orchestrator.replay.online import OnlineReplay, run_online
 from orchestrator.replay.simulator import replay_offline
 from orchestrator.replay.trace_file import load_trace
 from tests.integration.conftest import child_nats_pids
@@ -66,3 +68,25 @@ def test_online_replay_of_a_slice_completes_and_reuses_prefixes(trace):
     assert report.cached_tokens > 0 and report.prefix_reuse > 0
     assert report.router_stats.requests == 6
     assert sum(report.router_stats.requests_per_worker.values()) == 6
+
+
+def test_a_cancelled_online_replay_stops_everything_it_started(trace):
+    # Ctrl-C makes asyncio.run cancel the replay's task: the workers' engine threads, their
+    # gRPC servers and the nats-server must all be gone afterwards.
+    picked = [trace[i] for i in (15, 58, 74, 90)]
+    cfg = ReplayConfig(trace=TRACE, workers=2, speedup=1.0, timing=TimingModel(speedup=10.0))
+    nats_before, threads_before = child_nats_pids(), set(threading.enumerate())
+
+    async def main():
+        task = asyncio.create_task(OnlineReplay(cfg, picked).run())
+        await asyncio.sleep(1.5)  # started, first request sent, the others not yet due
+        assert len(set(threading.enumerate()) - threads_before) >= 2  # the engine threads
+        assert len(child_nats_pids() - nats_before) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert child_nats_pids() == nats_before
+    left = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    assert left == []
