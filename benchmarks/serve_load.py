@@ -297,7 +297,8 @@ async def grpc_load(target: str, concurrency: int, warmup_s: float, seconds: flo
 
 async def inprocess_load(engine, prompt_ids: tuple[int, ...], concurrency: int,
                          warmup_s: float, seconds: float, max_tokens: int,
-                         timeout_s: float = 30.0, rate: float = 0.0) -> LoadResult:
+                         timeout_s: float = 30.0, rate: float = 0.0,
+                         on_mark=None) -> LoadResult:
     """The same closed loop on an AsyncEngine in this process (it is shut down after)."""
     from workers.engine.types import EngineRequest, FinishReason, SamplingParams
     from workers.server.async_engine import AsyncEngine
@@ -318,7 +319,7 @@ async def inprocess_load(engine, prompt_ids: tuple[int, ...], concurrency: int,
                 return messages, f"{n} tokens, not {max_tokens}"
             return messages, None
 
-        window = _Window(warmup_s, seconds)
+        window = _Window(warmup_s, seconds, on_mark)
         return await _run(window, one, concurrency, timeout_s, rate)
     finally:
         await asyncio.to_thread(aeng.shutdown)
@@ -336,7 +337,8 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--chat", action="store_true")
     p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--loop", choices=("serve", "asyncio", "uvloop"), default="serve",
+                   help="serve or uvloop: uvloop where installed (a cheaper client)")
     p.add_argument("--rate", type=float, default=0.0,
                    help="requests/s over all streams (paced); 0: closed loop")
     p.add_argument("--client", choices=("raw", "lib"), default="raw",
@@ -356,12 +358,14 @@ def _main(argv: list[str] | None = None) -> None:
         coro = (grpc_load_raw if raw else grpc_load)(
             args.target, args.concurrency, args.warmup, args.seconds, args.max_tokens,
             channels=args.channels, on_mark=mark, rate=args.rate)
-    if args.uvloop:
+    try:
         import uvloop
-
-        result = uvloop.run(coro)
-    else:
+    except ImportError:
+        uvloop = None
+    if args.loop == "asyncio" or uvloop is None:
         result = asyncio.run(coro)
+    else:
+        result = uvloop.run(coro)
     sys.stdout.write("RESULT " + json.dumps(asdict(result)) + "\n")
     sys.stdout.flush()
 

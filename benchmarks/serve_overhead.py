@@ -13,7 +13,9 @@ Two measurements per path and concurrency (1, 64 and 256 streams by default):
    ended. Prints requests/s, p50 / p99 latency (send to last byte), the stream messages a
    request took, and the CPU time each process spent per request inside the window (load
    generator, frontends, worker; in-process: that one process, engine thread included),
-   which is where to look when the numbers are bad.
+   which is where to look when the numbers are bad, and ``others``: how many cores the
+   machine's other processes (not this benchmark's) kept busy meanwhile, from /proc/stat.
+   On a shared machine the throughput is only as good as the cores that were left.
 2. Added latency at equal load: the same streams paced at ``--rate`` requests/s in all
    (serve_load.py: each request is due at a fixed time and its latency counts from then), for
    the in-process engine and for each path; ``+p50 = p50(path) - p50(in-process)``, likewise
@@ -41,7 +43,7 @@ warmup + seconds + 60 s is killed).
 
 Run:
     .venv/bin/python benchmarks/serve_overhead.py [--concurrency 1,64,256] [--seconds 5]
-        [--rate 1000] [--paths inprocess,http,grpc] [--frontends 2] [--uvloop]
+        [--rate 1000] [--paths inprocess,http,grpc] [--frontends 2] [--loop serve]
         [--stream-interval-ms 20] [--client raw|lib] [--model smollm2]
 """
 
@@ -50,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -58,13 +61,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from serve_load import PROMPT, LoadResult, inprocess_load
-from serve_procs import Children, cpu_seconds, load_model, read_line, zero_latency_engine
+from serve_procs import (
+    Children,
+    cpu_seconds,
+    load_model,
+    machine_busy_seconds,
+    read_line,
+    zero_latency_engine,
+)
 
 HERE = Path(__file__).resolve().parent
 PATHS = ("inprocess", "http", "grpc")
 TARGET_RPS = 1000.0
 TARGET_ADDED_P50_MS = 5.0
 TARGET_CONCURRENCY = 64
+_LOOPS = {"serve": "loops as in ferry serve (frontends and load generator uvloop, worker "
+                   "asyncio)",
+          "asyncio": "asyncio loops everywhere", "uvloop": "uvloop everywhere"}
 
 
 @dataclass
@@ -75,6 +88,7 @@ class Cell:
     result: LoadResult
     frontend_cpu_s: float = 0.0
     worker_cpu_s: float = 0.0
+    others_cores: float = float("nan")  # cores other processes of the machine used meanwhile
 
     def per_request_ms(self, cpu_s: float) -> float:
         n = self.result.completed_in_window
@@ -100,9 +114,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure_inprocess(info, concurrency: int, rate: float, args) -> Cell:
     prompt_ids = tuple(info.tokenizer.encode(PROMPT, add_special_tokens=True))
+    busy: dict[str, float] = {}
+
+    def mark(what: str) -> None:
+        busy[what] = machine_busy_seconds()
+
     result = asyncio.run(inprocess_load(zero_latency_engine(info), prompt_ids, concurrency,
-                                        args.warmup, args.seconds, args.max_tokens, rate=rate))
-    return Cell("inprocess", concurrency, rate, result)
+                                        args.warmup, args.seconds, args.max_tokens, rate=rate,
+                                        on_mark=mark))
+    others = busy["end"] - busy["start"] - result.client_cpu_s
+    return Cell("inprocess", concurrency, rate, result, others_cores=others / args.seconds)
 
 
 def measure_served(children: Children, path: str, target: str, concurrency: int, rate: float,
@@ -113,13 +134,13 @@ def measure_served(children: Children, path: str, target: str, concurrency: int,
             "--channels", str(args.channels), "--client", args.client, "--rate", str(rate)]
     if args.chat:
         argv.append("--chat")
-    if args.uvloop:
-        argv.append("--uvloop")
+    argv += ["--loop", args.loop]
     load = children.spawn(f"load-{path}-{concurrency}-{rate:g}", argv, ready_timeout_s=None)
     deadline = time.monotonic() + args.warmup + args.seconds + 60.0
     servers = [worker, *frontends]
     cpu0: list[float] | None = None
     cpu1: list[float] | None = None
+    busy0 = busy1 = 0.0
     result = None
     try:
         while result is None:
@@ -130,8 +151,10 @@ def measure_served(children: Children, path: str, target: str, concurrency: int,
                                    f"({load.log_path}) ends with:\n{load.log_tail()}")
             if line == "WINDOW start":
                 cpu0 = [cpu_seconds(c.pid) for c in servers]
+                busy0 = machine_busy_seconds()
             elif line == "WINDOW end":
                 cpu1 = [cpu_seconds(c.pid) for c in servers]
+                busy1 = machine_busy_seconds()
             elif line.startswith("RESULT "):
                 result = LoadResult(**json.loads(line[len("RESULT "):]))
     finally:
@@ -140,12 +163,13 @@ def measure_served(children: Children, path: str, target: str, concurrency: int,
     if cpu0 is None or cpu1 is None:
         raise RuntimeError(f"{load.name} reported no measuring window")
     used = [b - a for a, b in zip(cpu0, cpu1)]
+    others = busy1 - busy0 - sum(used) - result.client_cpu_s
     return Cell(path, concurrency, rate, result, frontend_cpu_s=sum(used[1:]),
-                worker_cpu_s=used[0])
+                worker_cpu_s=used[0], others_cores=others / args.seconds)
 
 
 def start_stack(children: Children, args) -> tuple:
-    flag = ["--uvloop"] if args.uvloop else []
+    flag = ["--loop", args.loop]
 
     def profile(name: str) -> list[str]:
         return [] if args.profile_dir is None else \
@@ -202,13 +226,14 @@ def latency_rows(closed: list[Cell], paced: list[Cell]) -> list[tuple[Cell, Cell
 def _cpu(c: Cell) -> str:
     """CPU ms per request: load generator (in-process: everything), frontends, worker."""
     r = c.result
+    others = f"{c.others_cores:6.2f}"
     if c.path == "inprocess":  # everything in one process: its CPU time is all there is
-        return f"{c.per_request_ms(r.client_cpu_s):21.2f} {'-':>9} {'-':>7}"
+        return f"{c.per_request_ms(r.client_cpu_s):21.2f} {'-':>9} {'-':>7} {others}"
     return (f"{c.per_request_ms(r.client_cpu_s):21.2f} {c.per_request_ms(c.frontend_cpu_s):9.2f} "
-            f"{c.per_request_ms(c.worker_cpu_s):7.2f}")
+            f"{c.per_request_ms(c.worker_cpu_s):7.2f} {others}")
 
 
-_CPU_HEAD = f"{'cpu ms/req: load gen':>21} {'frontends':>9} {'worker':>7}"
+_CPU_HEAD = f"{'cpu ms/req: load gen':>21} {'frontends':>9} {'worker':>7} {'others':>6}"
 
 
 def latency_table(rows: list[tuple[Cell, Cell | None]]) -> str:
@@ -238,9 +263,14 @@ def verdict(closed: list[Cell], rows: list[tuple[Cell, Cell | None]]) -> list[st
         added = lat[0].p50 - lat[1].p50
         ok = tput.result.rps >= TARGET_RPS and added < TARGET_ADDED_P50_MS \
             and not tput.result.errors and not lat[0].result.errors
-        out.append(f"target {path}: {tput.result.rps:.0f} req/s at {TARGET_CONCURRENCY} streams "
+        r = tput.result
+        cpu_ms = tput.per_request_ms(r.client_cpu_s + tput.frontend_cpu_s + tput.worker_cpu_s)
+        out.append(f"target {path}: {r.rps:.0f} req/s at {TARGET_CONCURRENCY} streams "
                    f"(>= {TARGET_RPS:g}), +p50 {added:.2f} ms at {lat[0].rate:g} req/s "
-                   f"(< {TARGET_ADDED_P50_MS:g}): {'met' if ok else 'NOT met'}")
+                   f"(< {TARGET_ADDED_P50_MS:g}): {'met' if ok else 'NOT met'}; other processes "
+                   f"kept {tput.others_cores:.2f} of {os.cpu_count()} cores busy meanwhile; "
+                   f"{cpu_ms:.2f} ms of CPU per request in all (a CPU-bound estimate for "
+                   f"{os.cpu_count()} free cores: {1000.0 * os.cpu_count() / cpu_ms:.0f} req/s)")
     return out
 
 
@@ -263,7 +293,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client", choices=("raw", "lib"), default="raw",
                    help="load generator clients: raw (serve_clients.py) or aiohttp / grpc.aio")
     p.add_argument("--chat", action="store_true", help="HTTP: /v1/chat/completions")
-    p.add_argument("--uvloop", action="store_true", help="run every process on uvloop")
+    p.add_argument("--loop", choices=("serve", "asyncio", "uvloop"), default="serve",
+                   help="event loops: serve (default) as ferry serve runs them: frontends on "
+                        "uvloop, the worker on asyncio's (like its Ray actor), the load "
+                        "generator on uvloop; or that loop everywhere")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--profile-dir", type=Path, default=None,
                    help="run the worker and frontends under cProfile; stats go here")
@@ -317,11 +350,16 @@ def main(argv: list[str] | None = None) -> int:
                                         n, rate, args, frontends, worker))
     finally:
         children.stop_all()
-    interval = "WorkerConfig default" if args.stream_interval_ms is None \
-        else f"{args.stream_interval_ms:g} ms"
+    if args.stream_interval_ms is None:
+        from workers.server.worker import WorkerConfig
+
+        default = WorkerConfig.__dataclass_fields__["stream_interval_s"].default
+        interval = f"{default * 1000:g} ms (WorkerConfig's default)"
+    else:
+        interval = f"{args.stream_interval_ms:g} ms"
     print(f"serving overhead: {args.max_tokens} tokens/request, {args.frontends} frontend "
-          f"process(es), stream interval {interval}, {args.client} clients, uvloop "
-          f"{'on' if args.uvloop else 'off'}, windows of {args.seconds:g} s after "
+          f"process(es), stream interval {interval}, {args.client} clients, "
+          f"{_LOOPS[args.loop]}, windows of {args.seconds:g} s after "
           f"{args.warmup:g} s warmup; logs in {log_dir}")
     print("\nthroughput (closed loop):")
     print(throughput_table(closed))

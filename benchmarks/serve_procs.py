@@ -21,7 +21,9 @@ GIL, as a real forward pass would. With ``--profile FILE`` a child runs under cP
 shared machine, wall time charges a syscall with the time other processes ran meanwhile) and
 writes the stats at exit. The frontend is the real :class:`FrontendServer` (OpenAI
 HTTP and ferry.v1 gRPC; KServe off). Several frontends share the same ports with
-SO_REUSEPORT: the first binds free ports, the others bind the same ones.
+SO_REUSEPORT: the first binds free ports, the others bind the same ones. Event loops as in
+``ferry serve`` (``--loop serve``): frontends on uvloop (orchestrator.serve.run_event_loop),
+the worker on asyncio's own loop, like its Ray actor.
 """
 
 from __future__ import annotations
@@ -160,7 +162,9 @@ def _child_main(argv: list[str] | None = None) -> None:
     f.add_argument("--grpc-port", type=int, default=0)
     f.add_argument("--reuse-port", action="store_true")
     for sp in (w, f):
-        sp.add_argument("--uvloop", action="store_true")
+        sp.add_argument("--loop", choices=LOOPS, default="serve",
+                        help="serve: as ferry serve runs it (frontends on uvloop, the worker "
+                             "on asyncio's loop like its Ray actor); or force one")
         sp.add_argument("--profile", type=Path, default=None,
                         help="run under cProfile (main thread, CPU time) and write its stats "
                              "to this file at exit")
@@ -174,16 +178,23 @@ def _child_main(argv: list[str] | None = None) -> None:
         profiler = cProfile.Profile(_time.thread_time)  # CPU time, not wall: see the docstring
         profiler.enable()
     try:
-        if args.uvloop:
-            import uvloop
-
-            uvloop.run(run(args))
-        else:
-            asyncio.run(run(args))
+        run_loop(run(args), args.loop, args.role)
     finally:
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile)
+
+
+LOOPS = ("serve", "asyncio", "uvloop")
+
+
+def run_loop(coro, loop: str, role: str):
+    """Run ``coro`` on the event loop ``loop`` names (see ``--loop``) for ``role``."""
+    if loop == "uvloop" or (loop == "serve" and role == "frontend"):
+        from orchestrator.serve import run_event_loop  # uvloop where installed
+
+        return run_event_loop(coro)
+    return asyncio.run(coro)
 
 
 # ---------------------------------------------------------------------- parent side
@@ -279,6 +290,14 @@ def read_line(proc: subprocess.Popen, timeout_s: float) -> str | None:
             if byte == b"\n":
                 return buf.decode()
             buf += byte
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes of this machine spent so far, all cores together (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
