@@ -14,7 +14,9 @@ ignored), read it to its end, and send the next, until the measuring window clos
 Paced (``rate`` > 0, requests/s over all streams): stream ``i`` of ``n`` sends its ``k``-th
 request when it is due, at ``start + (k * n + i) / rate``, or at once when its previous
 request ended after that (it then catches up). Latency counts from the due time, not from
-the (late) send, so a server that falls behind shows it in full (no coordinated omission).
+the (late) send, so a server that falls behind shows it in full (no coordinated omission);
+requests still due when the window ends are not sent (the requests/s then fall short of
+``rate``, which says the server did not keep up).
 
 Paths: ``http`` (``POST /v1/completions`` or ``/v1/chat/completions`` with ``stream: true``;
 one keep-alive connection per stream), ``grpc`` (ferry.v1 ``Ferry.Generate``; the streams
@@ -105,6 +107,8 @@ class _Window:
                 wait = due - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                elif time.perf_counter() >= self.t1:
+                    return  # behind schedule at the window's end: no catching up after it
                 start, due = due, due + period
             else:
                 start = time.perf_counter()

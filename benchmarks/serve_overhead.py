@@ -285,8 +285,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
     p.add_argument("--seconds", type=float, default=5.0, help="length of each window")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--frontends", type=int, default=1,
-                   help="frontend processes sharing the ports (SO_REUSEPORT)")
+    p.add_argument("--frontends", type=int, default=2,
+                   help="frontend processes sharing the ports (SO_REUSEPORT), as ferry serve "
+                        "--frontends N runs them; default 2, one per core of a 2-core machine")
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="the worker's stream_interval_s, in ms (default: WorkerConfig's)")
     p.add_argument("--channels", type=int, default=4, help="gRPC client connections")
