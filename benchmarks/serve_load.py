@@ -32,7 +32,8 @@ ends with FINISH_REASON_LENGTH and no error.
 
 Run as a process (``python benchmarks/serve_load.py --path http --target HOST:PORT ...``) it
 prints ``WINDOW start`` at t0 and ``WINDOW end`` at t1 on stdout (the parent samples the
-servers' CPU time then), and finally ``RESULT <json>`` (a :class:`LoadResult`).
+servers' CPU time then), and at the end the :class:`LoadResult` as JSON: into the file named
+by ``--result`` (written whole, then renamed into place), else as a ``RESULT <json>`` line.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 _USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
 _DONE = b"data: [DONE]\n\n"
@@ -343,6 +345,8 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--loop", choices=("serve", "asyncio", "uvloop"), default="serve",
                    help="serve or uvloop: uvloop where installed (a cheaper client)")
+    p.add_argument("--result", type=Path, default=None,
+                   help="write the LoadResult JSON here (default: a RESULT line on stdout)")
     p.add_argument("--rate", type=float, default=0.0,
                    help="requests/s over all streams (paced); 0: closed loop")
     p.add_argument("--client", choices=("raw", "lib"), default="raw",
@@ -370,8 +374,13 @@ def _main(argv: list[str] | None = None) -> None:
         result = asyncio.run(coro)
     else:
         result = uvloop.run(coro)
-    sys.stdout.write("RESULT " + json.dumps(asdict(result)) + "\n")
-    sys.stdout.flush()
+    if args.result is not None:
+        tmp = args.result.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(result)))
+        tmp.replace(args.result)  # complete or absent
+    else:
+        sys.stdout.write("RESULT " + json.dumps(asdict(result)) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
