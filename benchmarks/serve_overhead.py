@@ -24,7 +24,18 @@ Two measurements per path and concurrency (1, 64 and 256 streams by default):
    equalise: its added latency is that of the closed loop.
 
 Target (issue 3): >= 1,000 streamed requests/s at 64 concurrent streams on this 2-core
-machine, p50 added latency < 5 ms, for HTTP and gRPC; the last lines say whether it is met.
+machine, p50 added latency < 5 ms, for HTTP and gRPC; the last lines say whether it is met,
+with the cores other processes took and a CPU-bound estimate (cores / CPU ms per request).
+
+Where the time goes (64 streams, nothing else running): the engine itself ~0.4-0.55 ms of
+CPU per request; the load generator ~0.1-0.2; a frontend ~0.45-0.6 over HTTP and ~0.9-1.1
+over gRPC (grpc.aio's server costs ~0.5 ms a call); the worker ~0.4-0.9 (the engine at the
+batch it gets, plus its GenerateStream: one message per frontend request, one per ~1 ms of
+output). Costs per stream message are what the design avoids: a frontend-worker gRPC call
+per request used to cost ~0.5 ms on each side (hence GenerateStream), every SSE write or
+gRPC message ~0.1 ms on the sender and the reader (hence 20 ms stream pacing and fewer,
+coalesced writes). A slow frontend also starves the engine of batch (requests wait in the
+frontend instead), which makes the worker dearer per request: the numbers move together.
 
 Processes, all on 127.0.0.1 (see benchmarks/serve_procs.py and benchmarks/serve_load.py):
 one mocker worker (``serve_procs.py worker``: WorkerServer over a mocker LLMEngine, timing
