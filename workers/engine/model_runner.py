@@ -5,7 +5,10 @@ For each batch it flattens the scheduled tokens of all sequences (in batch order
 ``block_table[p // block_size] * block_size + p % block_size``, runs the model (which writes the
 K/V of those tokens into their slots and attends over each sequence's blocks), computes logits
 for the last token of every sequence with ``sample=True`` only, and samples one token for each.
-The KV cache tensors (one per layer) belong to the runner; the scheduler owns block ids.
+The KV cache tensors (one per layer) belong to the runner; the scheduler owns block ids. So
+does the decode mirror (``workers/model/decode_mirror.py``): contiguous copies of the K/V of
+the sequences that are decoding, which decode attention reads instead of gathering blocks. It
+takes at most ``decode_mirror_bytes`` (default: as much as the KV cache; 0 turns it off).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from workers.engine.sampler import sample
 from workers.engine.types import RunnerOutput, ScheduledBatch
 from workers.model.attention_metadata import AttentionMetadata
+from workers.model.decode_mirror import DecodeMirror
 from workers.model.llama import LlamaForCausalLM
 
 
@@ -29,6 +33,7 @@ class TorchModelRunner:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         max_model_len: int | None = None,
+        decode_mirror_bytes: int | None = None,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(
@@ -39,6 +44,15 @@ class TorchModelRunner:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_caches = self.model.make_kv_caches(num_blocks, block_size, dtype)
+        if decode_mirror_bytes is None:
+            decode_mirror_bytes = sum(c.numel() * c.element_size() for c in self.kv_caches)
+        cfg = model.config
+        self.mirror = (
+            DecodeMirror(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, self.device,
+                         max_bytes=decode_mirror_bytes)
+            if decode_mirror_bytes > 0
+            else None
+        )
         self.vocab_size = model.config.vocab_size
         limit = model.config.max_position_embeddings
         if max_model_len is not None and not 0 < max_model_len <= limit:
@@ -121,5 +135,7 @@ class TorchModelRunner:
             block_tables=tables.to(device),
             slot_mapping=slots.to(device),
             block_size=bs,
+            seq_ids=tuple(s.request_id for s in batch.seqs),
+            mirror=self.mirror,
         )
         return torch.tensor(ids, dtype=torch.int64, device=device), positions.to(device), meta

@@ -23,7 +23,7 @@ from torch import nn
 
 from workers.model.attention_metadata import AttentionMetadata
 from workers.model.config import ModelConfig
-from workers.model.linear import linear, pack
+from workers.model.linear import linear, linear_add, pack, silu_mul, weight_parameter
 from workers.model.paged_attention import AttentionPlan, build_plan, paged_attention, write_kv
 from workers.model.rope import apply_rope, rope_tables
 
@@ -57,21 +57,15 @@ class DecoderLayer(nn.Module):
         self.q_size, self.kv_size = c.q_size, c.kv_size
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.qkv_proj = nn.Parameter(
-            torch.empty(c.q_size + 2 * c.kv_size, c.hidden_size), requires_grad=False
-        )
+        self.qkv_proj = weight_parameter(c.q_size + 2 * c.kv_size, c.hidden_size)
         self.qkv_bias = (
             nn.Parameter(torch.zeros(c.q_size + 2 * c.kv_size), requires_grad=False)
             if c.attention_bias
             else None
         )
-        self.o_proj = nn.Parameter(torch.empty(c.hidden_size, c.q_size), requires_grad=False)
-        self.gate_up_proj = nn.Parameter(
-            torch.empty(2 * c.intermediate_size, c.hidden_size), requires_grad=False
-        )
-        self.down_proj = nn.Parameter(
-            torch.empty(c.hidden_size, c.intermediate_size), requires_grad=False
-        )
+        self.o_proj = weight_parameter(c.hidden_size, c.q_size)
+        self.gate_up_proj = weight_parameter(2 * c.intermediate_size, c.hidden_size)
+        self.down_proj = weight_parameter(c.hidden_size, c.intermediate_size)
         self.intermediate_size = c.intermediate_size
         self.packs: dict[str, torch.Tensor | None] = {}  # oneDNN copies of the weights (linear.py)
 
@@ -83,6 +77,7 @@ class DecoderLayer(nn.Module):
         slots: torch.Tensor,
         cache: torch.Tensor,
         plan: AttentionPlan,
+        index: int,
     ) -> torch.Tensor:
         T = x.shape[0]
         p = self.packs
@@ -92,13 +87,12 @@ class DecoderLayer(nn.Module):
         k = qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         write_kv(cache, slots, k, v)
-        attn = paged_attention(q, k, v, cache, plan)
-        x = x + linear(attn, self.o_proj, p.get("o"))
-        gate_up = linear(self.post_attention_layernorm(x), self.gate_up_proj, p.get("gate_up"))
-        act = F.silu(gate_up[:, : self.intermediate_size]).mul_(
-            gate_up[:, self.intermediate_size :]
+        attn = paged_attention(q, k, v, cache, plan, index)
+        x = linear_add(attn, self.o_proj, p.get("o"), x)
+        act = silu_mul(
+            self.post_attention_layernorm(x), self.gate_up_proj, p.get("gate"), p.get("up")
         )
-        return x + linear(act, self.down_proj, p.get("down"))
+        return linear_add(act, self.down_proj, p.get("down"), x)
 
     def pack_weights(self) -> None:
         self.packs = {
@@ -106,7 +100,8 @@ class DecoderLayer(nn.Module):
             for name, w in (
                 ("qkv", self.qkv_proj),
                 ("o", self.o_proj),
-                ("gate_up", self.gate_up_proj),
+                ("gate", self.gate_up_proj[: self.intermediate_size]),
+                ("up", self.gate_up_proj[self.intermediate_size :]),
                 ("down", self.down_proj),
             )
         }
@@ -124,9 +119,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Parameter(
-                torch.empty(config.vocab_size, config.hidden_size), requires_grad=False
-            )
+            else weight_parameter(config.vocab_size, config.hidden_size)
         )
         # float32 whatever the model dtype (kept out of .to() on purpose); moved to the input's
         # device on use
@@ -267,8 +260,8 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self._rope(positions)
         x = F.embedding(input_ids, self.embed_tokens)
         slots = meta.slot_mapping
-        for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, slots, cache, plan)
+        for index, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
+            x = layer(x, cos, sin, slots, cache, plan, index)
         return self.norm(x)
 
     @torch.inference_mode()
