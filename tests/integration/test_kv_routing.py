@@ -314,7 +314,9 @@ def test_two_replicas_agree_on_the_index_and_share_in_flight_load(nats_server, t
             await wait_until(lambda: len(busy_workers()) == 1, what="one busy worker")
             busy = busy_workers()
             loads = {ld.worker_id: ld for ld in two.service.router.load_view.loads()}
-            assert loads[busy[0]].decode_blocks == 10  # ceil(40 / 4)
+            # ceil(40 / 4) from the shared in-flight entry; more once a load report shows
+            # the long request's decoded tokens too (a slow machine gets there first).
+            assert loads[busy[0]].decode_blocks >= 10
             # A fresh prompt routed by `two` avoids the worker `one` is using.
             await two.complete(prompt(51, 40))
             hits = {w: cluster.servers[w].engine.stats() for w in ids}
