@@ -16,7 +16,8 @@ raises ValueError too; a receiver decides whether to log and skip.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from google.protobuf.message import DecodeError
 
@@ -29,38 +30,37 @@ _U64_MAX = 2**64 - 1
 
 @dataclass(frozen=True)
 class LoadReport:
-    """One worker's load at one moment (the router's cost function reads it).
+    """One worker's load at one moment (the router's cost function reads it; the Python form of
+    ``ferry.v1.LoadReport``, the one class for it on both sides of the event plane).
 
-    ``timestamp`` is in seconds (wall clock, or the mocker's virtual clock); a router keeps the
-    newest report per worker.
+    ``timestamp`` is in seconds (wall clock, or the mocker's virtual clock): it orders one
+    worker's reports, and a router keeps the newest per worker. ``kv_blocks_total`` 0 means
+    unknown (a router then uses the capacity the worker registered with).
     """
 
     worker_id: str
     timestamp: float
-    waiting: int
-    running: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    active_prefill_tokens: int = 0
-    active_decode_blocks: int = 0
+    waiting: int = 0  # requests queued, not yet scheduled
+    running: int = 0  # requests scheduled (prefilling or decoding)
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    active_prefill_tokens: int = 0  # prompt tokens not prefilled yet (queued ones included)
+    active_decode_blocks: int = 0  # KV blocks held by decoding requests
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker_id, str) or not self.worker_id:
             raise ValueError(
                 f"LoadReport.worker_id must be a non-empty string, got {self.worker_id!r}"
             )
-        for name in (
-            "waiting",
-            "running",
-            "kv_blocks_used",
-            "kv_blocks_total",
-            "active_prefill_tokens",
-            "active_decode_blocks",
-        ):
-            value = getattr(self, name)
+        if isinstance(self.timestamp, bool) or not isinstance(self.timestamp, (int, float)) \
+                or not math.isfinite(self.timestamp):
+            raise ValueError(f"LoadReport.timestamp must be a finite number, got "
+                             f"{self.timestamp!r}")
+        for f in fields(self)[2:]:
+            value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"LoadReport.{name} must be a non-negative integer, got {value!r}")
-        if self.kv_blocks_used > self.kv_blocks_total:
+                raise ValueError(f"LoadReport.{f.name} must be an integer >= 0, got {value!r}")
+        if self.kv_blocks_total and self.kv_blocks_used > self.kv_blocks_total:
             raise ValueError(
                 f"LoadReport.kv_blocks_used ({self.kv_blocks_used}) exceeds kv_blocks_total "
                 f"({self.kv_blocks_total})"

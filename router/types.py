@@ -3,12 +3,12 @@ comes out (decisions, overlap scores, stats). Frozen dataclasses, validated when
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import Enum
 
 from kvcache.events import BlockStored
 from kvcache.hashing import BlockHashConfig
+from kvcache.wire import LoadReport  # noqa: F401  (re-exported: the workers' reports)
 
 
 def _check_count(owner: str, name: str, value: object) -> None:
@@ -69,29 +69,6 @@ class WorkerSnapshot:
 
 
 # ---------------------------------------------------------------- load
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """A worker's load at one moment (the Python form of ``ferry.v1.LoadReport``)."""
-
-    worker_id: str
-    timestamp: float  # seconds, the worker's clock: orders one worker's reports
-    waiting: int = 0  # requests queued, not yet scheduled
-    running: int = 0  # requests scheduled (prefilling or decoding)
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0  # 0: unknown (the registered capacity is used)
-    active_prefill_tokens: int = 0  # prompt tokens not prefilled yet (queued ones included)
-    active_decode_blocks: int = 0  # KV blocks held by decoding requests
-
-    def __post_init__(self) -> None:
-        _check_id("LoadReport", "worker_id", self.worker_id)
-        if isinstance(self.timestamp, bool) or not isinstance(self.timestamp, (int, float)) \
-                or not math.isfinite(self.timestamp):
-            raise ValueError(f"LoadReport.timestamp must be a finite number, got "
-                             f"{self.timestamp!r}")
-        for f in fields(self)[2:]:
-            _check_count("LoadReport", f.name, getattr(self, f.name))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from orchestrator.routing.inflight import (
 )
 from orchestrator.routing.kv_feed import KvFeed
 from orchestrator.routing.metrics import RoutingCollector
-from orchestrator.routing.service import RoutingService, RoutingStats, router_load, worker_info
+from orchestrator.routing.service import RoutingService, RoutingStats, worker_info
 
 __all__ = [
     "INFLIGHT_SUBJECT",
@@ -35,6 +35,5 @@ __all__ = [
     "apply_update",
     "decode_update",
     "encode_update",
-    "router_load",
     "worker_info",
 ]

@@ -67,7 +67,6 @@ from orchestrator.routing.kv_feed import KvFeed
 from router.cost import choose_worker
 from router.disagg import DisaggReason, DisaggRouter, LoadChange, PoolRole
 from router.router import Router, make_router
-from router.types import LoadReport as RouterLoadReport
 from router.types import RouteRequest as RouterRouteRequest
 from router.types import RouterStats, WorkerInfo
 from workers.server.event_publisher import DEFAULT_BACKOFF, KV_STREAM, Backoff, kv_subject
@@ -105,12 +104,6 @@ _ROLES = {common_pb2.WORKER_ROLE_PREFILL: PoolRole.PREFILL,
 def worker_role(info) -> PoolRole:
     """A worker's ``ferry.v1.InfoResponse.role`` as its pool (unset: aggregated)."""
     return _ROLES.get(int(info.role), PoolRole.BOTH)
-
-
-def router_load(report: LoadReport) -> RouterLoadReport:
-    return RouterLoadReport(report.worker_id, report.timestamp, report.waiting, report.running,
-                            report.kv_blocks_used, report.kv_blocks_total,
-                            report.active_prefill_tokens, report.active_decode_blocks)
 
 
 class RoutingService:
@@ -234,7 +227,7 @@ class RoutingService:
     # ---------------------------------------------------------------- feeds
 
     def on_load(self, report: LoadReport) -> None:
-        self.router.apply_load(router_load(report))
+        self.router.apply_load(report)
 
     def on_kv(self, worker_id: str, batch: KvEventBatch) -> None:
         """A KV batch (the feed calls this; exposed for tests and embedding)."""
@@ -369,4 +362,4 @@ class RoutingService:
             disagg_decisions={r.value: n for r, n in split.decisions.items()})
 
 
-__all__ = ["RoutingService", "RoutingStats", "router_load", "worker_info", "worker_role"]
+__all__ = ["RoutingService", "RoutingStats", "worker_info", "worker_role"]

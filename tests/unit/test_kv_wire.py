@@ -128,7 +128,7 @@ def test_load_report_round_trips_field_for_field():
 def test_load_report_validation_says_what_is_wrong():
     with pytest.raises(ValueError, match="worker_id"):
         _report(worker_id="")
-    with pytest.raises(ValueError, match="waiting must be a non-negative integer"):
+    with pytest.raises(ValueError, match="waiting must be an integer >= 0"):
         _report(waiting=-1)
     with pytest.raises(
         ValueError, match="kv_blocks_used \\(65\\) exceeds kv_blocks_total \\(64\\)"
