@@ -31,6 +31,7 @@ segments whose creator is no longer alive.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -104,6 +105,15 @@ class SharedKvArena:
             ) from None
         try:
             os.ftruncate(fd, size)
+            try:  # reserve the pages now: a full /dev/shm then fails here, not with a
+                # SIGBUS at the engine's first write into a page that cannot be had
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise ValueError(
+                    f"/dev/shm has no room for the KV arena's {size} bytes: lower num_blocks "
+                    "or enlarge /dev/shm (docker: --shm-size)") from None
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcache.transfer.layout import KvLayout, dtype_name
+from kvcache.transfer.shm import SharedKvArena
 from workers.embedded import EMBEDDED_MODELS, resolve_model
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
@@ -20,6 +22,9 @@ class TorchEngine:
     engine: LLMEngine
     loaded: LoadedModel
     model_name: str  # the name clients use: the embedded name, or the folder / file name
+    # The shared-memory arena holding the KV caches (``kv_arena_name`` given), else None. Its
+    # owner (the worker) closes it at shutdown, which unlinks /dev/shm/NAME.
+    kv_arena: SharedKvArena | None = None
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -34,9 +39,16 @@ def build_torch_engine(
     kv_cache_bytes: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    kv_arena_name: str | None = None,
 ) -> TorchEngine:
     """Load ``model`` and wrap it in an engine. ``kv_cache_bytes``, when given, sets the number
-    of KV blocks from a memory budget instead of ``config.num_blocks``."""
+    of KV blocks from a memory budget instead of ``config.num_blocks``. ``kv_arena_name``,
+    when given, puts the KV caches in a new shared-memory arena ``/dev/shm/NAME``
+    (:class:`kvcache.transfer.shm.SharedKvArena`; host memory, so ``device`` must be "cpu"):
+    decode workers on this host then copy blocks straight out of it."""
+    if kv_arena_name is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"a shared-memory KV arena lives in host memory, the engine runs on "
+                         f"{device}: drop kv_arena_name (GPU caches use the cuda-ipc transport)")
     config = config or EngineConfig()
     loaded = load_model(resolve_model(model), dtype=dtype)
     if kv_cache_bytes is not None:
@@ -47,8 +59,20 @@ def build_torch_engine(
                 f"a KV cache of {kv_cache_bytes} bytes holds no block of {per_block} bytes; "
                 "give more memory to the KV cache or a smaller block size")
         config = dataclasses.replace(config, num_blocks=int(num_blocks))
-    runner = TorchModelRunner(loaded.model, config.num_blocks, config.block_size, dtype=dtype,
-                              device=device, max_model_len=config.max_model_len)
-    engine = LLMEngine(runner, config, tokenizer=loaded.tokenizer)
+    arena = None
+    if kv_arena_name is not None:
+        c = loaded.config
+        arena = SharedKvArena.create(kv_arena_name, KvLayout(
+            c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, dtype_name(dtype),
+            config.num_blocks))
+    try:
+        runner = TorchModelRunner(loaded.model, config.num_blocks, config.block_size,
+                                  dtype=dtype, device=device, max_model_len=config.max_model_len,
+                                  kv_caches=None if arena is None else arena.caches)
+        engine = LLMEngine(runner, config, tokenizer=loaded.tokenizer)
+    except BaseException:
+        if arena is not None:
+            arena.close()
+        raise
     name = model if model in EMBEDDED_MODELS else loaded.name
-    return TorchEngine(engine=engine, loaded=loaded, model_name=name)
+    return TorchEngine(engine=engine, loaded=loaded, model_name=name, kv_arena=arena)

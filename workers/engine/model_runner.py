@@ -9,11 +9,15 @@ The KV cache tensors (one per layer) belong to the runner; the scheduler owns bl
 does the decode mirror (``workers/model/decode_mirror.py``): contiguous copies of the K/V of
 the sequences that are decoding, which decode attention reads instead of gathering blocks. It
 takes at most ``decode_mirror_bytes`` (default: as much as the KV cache; 0 turns it off).
+The caches are zeroed tensors of the runner's own unless ``kv_caches`` hands it ready ones of
+the same layout (a shared-memory arena's, ``kvcache.transfer.shm.SharedKvArena``, so that
+another process on the host can copy blocks out of them).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -34,6 +38,7 @@ class TorchModelRunner:
         device: str | torch.device = "cpu",
         max_model_len: int | None = None,
         decode_mirror_bytes: int | None = None,
+        kv_caches: Sequence[torch.Tensor] | None = None,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(
@@ -43,7 +48,11 @@ class TorchModelRunner:
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.kv_caches = self.model.make_kv_caches(num_blocks, block_size, dtype)
+        if kv_caches is None:
+            self.kv_caches = self.model.make_kv_caches(num_blocks, block_size, dtype)
+        else:
+            self.kv_caches = _checked_caches(kv_caches, model.config, num_blocks, block_size,
+                                             dtype, self.device)
         if decode_mirror_bytes is None:
             decode_mirror_bytes = sum(c.numel() * c.element_size() for c in self.kv_caches)
         cfg = model.config
@@ -139,3 +148,21 @@ class TorchModelRunner:
             mirror=self.mirror,
         )
         return torch.tensor(ids, dtype=torch.int64, device=device), positions.to(device), meta
+
+
+def _checked_caches(caches: Sequence[torch.Tensor], config, num_blocks: int, block_size: int,
+                    dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """``caches`` as a list, when they are what ``make_kv_caches`` would have made."""
+    caches = list(caches)
+    shape = (2, num_blocks * block_size, config.num_kv_heads, config.head_dim)
+    if len(caches) != config.num_layers:
+        raise ValueError(f"kv_caches holds {len(caches)} tensors, the model has "
+                         f"{config.num_layers} layers")
+    for i, c in enumerate(caches):
+        same_device = c.device.type == device.type and device.index in (None, c.device.index)
+        if tuple(c.shape) != shape or c.dtype != dtype or not same_device \
+                or not c.is_contiguous():
+            raise ValueError(
+                f"kv_caches[{i}] is {c.dtype} {tuple(c.shape)} on {c.device}; the runner needs "
+                f"contiguous {dtype} {shape} on {device}")
+    return caches

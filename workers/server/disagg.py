@@ -21,7 +21,10 @@ Decode side (:class:`KvImporter`), Generate with ``remote_prefill``:
 2. on the engine thread: blocks this worker already caches are skipped, fresh blocks are
    reserved for the rest (``workers.engine.kv_import``);
 3. the KV of the rest is pulled from the holder (``kvcache.transfer.puller.pull``, by the
-   handle's transport address) straight into the reserved blocks, within ``pull_timeout_s``;
+   handle's transport address: gRPC, shared memory or CUDA IPC, see
+   workers/server/kv_transport.py; gRPC only when the importer is ``grpc_only``) straight
+   into the reserved blocks, within ``pull_timeout_s``; ``pulls_by_transport`` counts the
+   successful pulls by the transport that moved them (the worker's Stats report it);
 4. success: the blocks enter the prefix cache (their BlockStored events go out with the next
    step); failure (holder gone, released or expired handle, timeout, corrupt chunk): the
    reservation is freed and the request prefills locally: it still completes;
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -159,12 +163,15 @@ class ImportOutcome:
 class KvImporter:
     """A decode worker's pulls (see the module docstring)."""
 
-    def __init__(self, aengine: AsyncEngine, pull_timeout_s: float) -> None:
+    def __init__(self, aengine: AsyncEngine, pull_timeout_s: float, *,
+                 grpc_only: bool = False) -> None:
         self.aengine = aengine
         self.pull_timeout_s = pull_timeout_s
+        self.grpc_only = grpc_only  # pull over gRPC whatever transport the handle names
         self.view = cache_view(aengine.engine)
         self.num_pulled = 0
         self.num_failed = 0
+        self.pulls_by_transport: dict[str, int] = {}  # successful pulls, by what moved them
         self._releases: set[asyncio.Task] = set()
 
     def check(self, prompt_token_ids, handle: worker_pb2.KvHandle) -> None:
@@ -177,6 +184,13 @@ class KvImporter:
         """Import the handle's KV (``pull`` releases the handle on the holder whatever
         happens; when nothing is pulled it is released here)."""
         info = handle_from_proto(handle)
+        if self.grpc_only:
+            try:
+                grpc_address = parse_transport_address(info.transport_address).grpc_address
+            except ValueError:
+                pass  # pull() reports the bad address
+            else:
+                info = dataclasses.replace(info, transport_address=grpc_address)
         return await self._import(owner, info, tuple(prompt_token_ids))
 
     async def close(self) -> None:
@@ -193,8 +207,8 @@ class KvImporter:
             return ImportOutcome(0, plan.skip_blocks, reason)
         src = tuple(info.block_ids[plan.skip_blocks:])
         try:
-            await pull(info, self.view, plan.dest_block_ids, src_block_ids=src,
-                       timeout_s=self.pull_timeout_s)
+            result = await pull(info, self.view, plan.dest_block_ids, src_block_ids=src,
+                                timeout_s=self.pull_timeout_s)
         except BaseException as exc:
             await self._abandon(plan)
             if not isinstance(exc, (KvTransferError, TimeoutError, OSError)):
@@ -205,6 +219,8 @@ class KvImporter:
             return ImportOutcome(0, plan.skip_blocks, f"pull failed: {exc}")
         await self.aengine.call(lambda e: commit_import(e, plan, tokens))
         self.num_pulled += 1
+        self.pulls_by_transport[result.transport] = \
+            self.pulls_by_transport.get(result.transport, 0) + 1
         return ImportOutcome(plan.pull_blocks, plan.skip_blocks, None)
 
     async def _abandon(self, plan: ImportPlan) -> None:

@@ -19,7 +19,8 @@ background and never blocks serving when NATS is down):
 
 Shutdown (:meth:`WorkerServer.stop`): stop taking calls; give in-flight streams ``grace``
 seconds to finish; then stop the engine, which ends any stream still running with an ABORTED
-error chunk; flush the queued KV events and close the publisher.
+error chunk; flush the queued KV events and close the publisher; unlink the KV arena (or
+CUDA-IPC export) this worker's handles named (workers/server/kv_transport.py).
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ import grpc
 from ferry.v1 import worker_pb2_grpc
 from kvcache.events import KvEventBatch
 from kvcache.transfer.grpc_transport import SERVER_OPTIONS, KvTransferServicer
+from kvcache.transfer.shm import SharedKvArena
 from kvcache.wire import LoadReport
 from workers.engine.engine import LLMEngine, StepResult
 from workers.server.async_engine import AsyncEngine
-from workers.server.disagg import HandleTable, KvImporter
+from workers.server.disagg import HandleTable, KvImporter, cache_view
+from workers.server.kv_transport import HolderTransport, check_kv_transport, holder_transport
 from workers.server.worker_service import WorkerService
 
 log = logging.getLogger(__name__)
@@ -77,8 +80,14 @@ class WorkerConfig:
     # kv_handle_ttl_s; a decode worker gives a pull kv_pull_timeout_s, then prefills locally.
     kv_handle_ttl_s: float = 60.0
     kv_pull_timeout_s: float = 30.0
+    # How KV blocks move (workers/server/kv_transport.py): "auto" (default: shared memory when
+    # this worker's caches are in a SharedKvArena and the puller is on the same host, CUDA IPC
+    # for GPU caches, gRPC otherwise), "grpc", "shm" or "cuda-ipc". A puller set to "grpc"
+    # always pulls over gRPC.
+    kv_transport: str = "auto"
 
     def __post_init__(self) -> None:
+        check_kv_transport(self.kv_transport)
         if not isinstance(self.worker_id, str) or not _WORKER_ID.fullmatch(self.worker_id):
             raise ValueError(f"worker_id must be letters, digits, '-' and '_' only (it names "
                              f"NATS subjects), e.g. 'decode-0'; got {self.worker_id!r}")
@@ -202,13 +211,19 @@ class _EventForwarder:
 class WorkerServer:
     """The Worker gRPC server (and event publishing) of one engine."""
 
-    def __init__(self, engine: LLMEngine, config: WorkerConfig) -> None:
+    def __init__(self, engine: LLMEngine, config: WorkerConfig, *,
+                 kv_arena: SharedKvArena | None = None) -> None:
+        """``kv_arena``: the shared-memory arena holding the engine's KV caches (see
+        workers/server/kv_transport.py); the server owns it from here and unlinks it when it
+        stops (or when start fails)."""
         if not isinstance(engine, LLMEngine):
             raise TypeError(f"WorkerServer serves an LLMEngine, got {type(engine).__name__}")
         if not isinstance(config, WorkerConfig):
             raise TypeError(f"config must be a WorkerConfig, got {type(config).__name__}")
         self.engine = engine
         self.config = config
+        self.kv_arena = kv_arena
+        self.holder: HolderTransport | None = None  # what this worker's handles advertise
         self.aengine: AsyncEngine | None = None
         self.address: str | None = None
         self._server: grpc.aio.Server | None = None
@@ -227,12 +242,20 @@ class WorkerServer:
             raise RuntimeError("this WorkerServer was already started; build a new one")
         cfg = self.config
         loop = asyncio.get_running_loop()
+        try:
+            self.holder = holder_transport(cfg.kv_transport, cache_view(self.engine),
+                                           self.kv_arena, cfg.worker_id)
+        except BaseException:
+            if self.kv_arena is not None:
+                self.kv_arena.close()
+            raise
         if cfg.nats_url is not None:
             await self._start_publisher(loop)
         on_step = self._forwarder.on_step if self._forwarder is not None else None
         self.aengine = AsyncEngine(self.engine, on_step=on_step)
         self.handles = HandleTable(self.aengine, cfg.worker_id, cfg.kv_handle_ttl_s)
-        self.importer = KvImporter(self.aengine, cfg.kv_pull_timeout_s)
+        self.importer = KvImporter(self.aengine, cfg.kv_pull_timeout_s,
+                                   grpc_only=cfg.kv_transport == "grpc")
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
         self._service = WorkerService(self.aengine, cfg.worker_id, cfg.model, cfg.role.value,
                                       stream_interval_s=cfg.stream_interval_s,
@@ -253,11 +276,11 @@ class WorkerServer:
         self._server = server
         await server.start()
         self.address = _dial_address(cfg.host, port)
-        self.handles.start(transport_address=self.address)
+        self.handles.start(transport_address=self.holder.address(self.address))
         if self._publisher is not None:
             self._load_task = loop.create_task(self._report_load())
-        log.info("worker %s serving %s (%s) on %s", cfg.worker_id, cfg.model, cfg.role.value,
-                 self.address)
+        log.info("worker %s serving %s (%s) on %s, KV handles over %s", cfg.worker_id,
+                 cfg.model, cfg.role.value, self.address, self.holder.scheme)
         return self.address
 
     async def wait_for_termination(self) -> None:
@@ -320,6 +343,10 @@ class WorkerServer:
             self._kv_transfer = None
         if self.aengine is not None:
             await asyncio.to_thread(self.aengine.shutdown)
+        if self.holder is not None:
+            self.holder.close()  # unlinks the shared-memory arena / CUDA-IPC export
+        if self.kv_arena is not None:
+            self.kv_arena.close()  # (a server stopped before it started)
         load_task, self._load_task = self._load_task, None
         if load_task is not None:
             load_task.cancel()

@@ -23,7 +23,9 @@ GenerateStream carries many such requests over one call (workers/server/generate
 
 Abort ends a request on someone's behalf (its stream ends with FINISH_REASON_ABORT); Stats
 reads the engine's counters and runs its integrity self-check on the engine thread, between
-two steps, so the numbers are exact; Info answers the fixed configuration.
+two steps, so the numbers are exact, and adds the KV transfer counters (imports by transport,
+failed imports, the transport this worker's handles name); Info answers the fixed
+configuration.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import grpc
 
 from ferry.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from kvcache.manager import PrefixCacheStats
+from kvcache.transfer.address import parse_transport_address
 from workers.engine.engine import EngineStats, LLMEngine
 from workers.engine.kv_import import ImportRefused
 from workers.engine.types import EngineRequest, InvalidRequestError
@@ -169,7 +172,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             stats, prefix, detail = await self._aengine.call(_engine_snapshot)
         except RuntimeError as exc:  # engine shut down
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return stats_to_proto(self._worker_id, stats, prefix, detail)
+        reply = stats_to_proto(self._worker_id, stats, prefix, detail)
+        if self._importer is not None:
+            reply.kv_pulls.update(self._importer.pulls_by_transport)
+            reply.kv_pulls_failed = self._importer.num_failed
+        if self._handles is not None and self._handles.transport_address:
+            reply.kv_transport = parse_transport_address(self._handles.transport_address).scheme
+        return reply
 
     async def Info(self, request: worker_pb2.InfoRequest,
                    context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:

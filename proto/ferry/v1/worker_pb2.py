@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from ferry.v1 import common_pb2 as ferry_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65rry/v1/worker.proto\x12\x08\x66\x65rry.v1\x1a\x15\x66\x65rry/v1/common.proto\"\xb3\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.ferry.v1.SamplingParams\x12\x14\n\x0cprefill_only\x18\x04 \x01(\x08\x12*\n\x0eremote_prefill\x18\x05 \x01(\x0b\x32\x12.ferry.v1.KvHandle\"\x81\x02\n\x16WorkerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.ferry.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x1e\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x0f.ferry.v1.Error\x12%\n\tkv_handle\x18\x08 \x01(\x0b\x32\x12.ferry.v1.KvHandle\"Z\n\x15GenerateStreamRequest\x12\x31\n\x08requests\x18\x01 \x03(\x0b\x32\x1f.ferry.v1.WorkerGenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"J\n\x16GenerateStreamResponse\x12\x30\n\x06\x63hunks\x18\x01 \x03(\x0b\x32 .ferry.v1.WorkerGenerateResponse\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x84\x02\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x1d\n\x15\x61\x63tive_prefill_tokens\x18\x06 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x07 \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\x08 \x01(\x04\x12\x14\n\x0cintegrity_ok\x18\t \x01(\x08\x12\x18\n\x10integrity_detail\x18\n \x01(\t\"\r\n\x0bInfoRequest\"\xba\x01\n\x0cInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.ferry.v1.WorkerRole\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\thash_seed\x18\x05 \x01(\x04\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\"\x9c\x01\n\x08KvHandle\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x04\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x19\n\x11transport_address\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\r\"\\\n\x0bPullRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.ferry.v1.KvCacheLayout\"\x82\x01\n\rKvCacheLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\"\x80\x01\n\x07KvChunk\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x05 \x01(\x07\x12\x1e\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x0f.ferry.v1.Error\")\n\x14ReleaseHandleRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\")\n\x15ReleaseHandleResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xdd\x02\n\x06Worker\x12O\n\x08Generate\x12\x1f.ferry.v1.WorkerGenerateRequest\x1a .ferry.v1.WorkerGenerateResponse0\x01\x12W\n\x0eGenerateStream\x12\x1f.ferry.v1.GenerateStreamRequest\x1a .ferry.v1.GenerateStreamResponse(\x01\x30\x01\x12\x38\n\x05\x41\x62ort\x12\x16.ferry.v1.AbortRequest\x1a\x17.ferry.v1.AbortResponse\x12\x38\n\x05Stats\x12\x16.ferry.v1.StatsRequest\x1a\x17.ferry.v1.StatsResponse\x12\x35\n\x04Info\x12\x15.ferry.v1.InfoRequest\x1a\x16.ferry.v1.InfoResponse2\x98\x01\n\nKvTransfer\x12\x38\n\nPullBlocks\x12\x15.ferry.v1.PullRequest\x1a\x11.ferry.v1.KvChunk0\x01\x12P\n\rReleaseHandle\x12\x1e.ferry.v1.ReleaseHandleRequest\x1a\x1f.ferry.v1.ReleaseHandleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65rry/v1/worker.proto\x12\x08\x66\x65rry.v1\x1a\x15\x66\x65rry/v1/common.proto\"\xb3\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.ferry.v1.SamplingParams\x12\x14\n\x0cprefill_only\x18\x04 \x01(\x08\x12*\n\x0eremote_prefill\x18\x05 \x01(\x0b\x32\x12.ferry.v1.KvHandle\"\x81\x02\n\x16WorkerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.ferry.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x1e\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x0f.ferry.v1.Error\x12%\n\tkv_handle\x18\x08 \x01(\x0b\x32\x12.ferry.v1.KvHandle\"Z\n\x15GenerateStreamRequest\x12\x31\n\x08requests\x18\x01 \x03(\x0b\x32\x1f.ferry.v1.WorkerGenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"J\n\x16GenerateStreamResponse\x12\x30\n\x06\x63hunks\x18\x01 \x03(\x0b\x32 .ferry.v1.WorkerGenerateResponse\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x9b\x03\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x1d\n\x15\x61\x63tive_prefill_tokens\x18\x06 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x07 \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\x08 \x01(\x04\x12\x14\n\x0cintegrity_ok\x18\t \x01(\x08\x12\x18\n\x10integrity_detail\x18\n \x01(\t\x12\x36\n\x08kv_pulls\x18\x0b \x03(\x0b\x32$.ferry.v1.StatsResponse.KvPullsEntry\x12\x17\n\x0fkv_pulls_failed\x18\x0c \x01(\x04\x12\x14\n\x0ckv_transport\x18\r \x01(\t\x1a.\n\x0cKvPullsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\r\n\x0bInfoRequest\"\xba\x01\n\x0cInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.ferry.v1.WorkerRole\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\thash_seed\x18\x05 \x01(\x04\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\"\x9c\x01\n\x08KvHandle\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x04\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x19\n\x11transport_address\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\r\"\\\n\x0bPullRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.ferry.v1.KvCacheLayout\"\x82\x01\n\rKvCacheLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\"\x80\x01\n\x07KvChunk\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x05 \x01(\x07\x12\x1e\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x0f.ferry.v1.Error\")\n\x14ReleaseHandleRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\")\n\x15ReleaseHandleResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xdd\x02\n\x06Worker\x12O\n\x08Generate\x12\x1f.ferry.v1.WorkerGenerateRequest\x1a .ferry.v1.WorkerGenerateResponse0\x01\x12W\n\x0eGenerateStream\x12\x1f.ferry.v1.GenerateStreamRequest\x1a .ferry.v1.GenerateStreamResponse(\x01\x30\x01\x12\x38\n\x05\x41\x62ort\x12\x16.ferry.v1.AbortRequest\x1a\x17.ferry.v1.AbortResponse\x12\x38\n\x05Stats\x12\x16.ferry.v1.StatsRequest\x1a\x17.ferry.v1.StatsResponse\x12\x35\n\x04Info\x12\x15.ferry.v1.InfoRequest\x1a\x16.ferry.v1.InfoResponse2\x98\x01\n\nKvTransfer\x12\x38\n\nPullBlocks\x12\x15.ferry.v1.PullRequest\x1a\x11.ferry.v1.KvChunk0\x01\x12P\n\rReleaseHandle\x12\x1e.ferry.v1.ReleaseHandleRequest\x1a\x1f.ferry.v1.ReleaseHandleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ferry.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STATSRESPONSE_KVPULLSENTRY']._loaded_options = None
+  _globals['_STATSRESPONSE_KVPULLSENTRY']._serialized_options = b'8\001'
   _globals['_WORKERGENERATEREQUEST']._serialized_start=59
   _globals['_WORKERGENERATEREQUEST']._serialized_end=238
   _globals['_WORKERGENERATERESPONSE']._serialized_start=241
@@ -47,25 +49,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_start=736
   _globals['_STATSREQUEST']._serialized_end=750
   _globals['_STATSRESPONSE']._serialized_start=753
-  _globals['_STATSRESPONSE']._serialized_end=1013
-  _globals['_INFOREQUEST']._serialized_start=1015
-  _globals['_INFOREQUEST']._serialized_end=1028
-  _globals['_INFORESPONSE']._serialized_start=1031
-  _globals['_INFORESPONSE']._serialized_end=1217
-  _globals['_KVHANDLE']._serialized_start=1220
-  _globals['_KVHANDLE']._serialized_end=1376
-  _globals['_PULLREQUEST']._serialized_start=1378
-  _globals['_PULLREQUEST']._serialized_end=1470
-  _globals['_KVCACHELAYOUT']._serialized_start=1473
-  _globals['_KVCACHELAYOUT']._serialized_end=1603
-  _globals['_KVCHUNK']._serialized_start=1606
-  _globals['_KVCHUNK']._serialized_end=1734
-  _globals['_RELEASEHANDLEREQUEST']._serialized_start=1736
-  _globals['_RELEASEHANDLEREQUEST']._serialized_end=1777
-  _globals['_RELEASEHANDLERESPONSE']._serialized_start=1779
-  _globals['_RELEASEHANDLERESPONSE']._serialized_end=1820
-  _globals['_WORKER']._serialized_start=1823
-  _globals['_WORKER']._serialized_end=2172
-  _globals['_KVTRANSFER']._serialized_start=2175
-  _globals['_KVTRANSFER']._serialized_end=2327
+  _globals['_STATSRESPONSE']._serialized_end=1164
+  _globals['_STATSRESPONSE_KVPULLSENTRY']._serialized_start=1118
+  _globals['_STATSRESPONSE_KVPULLSENTRY']._serialized_end=1164
+  _globals['_INFOREQUEST']._serialized_start=1166
+  _globals['_INFOREQUEST']._serialized_end=1179
+  _globals['_INFORESPONSE']._serialized_start=1182
+  _globals['_INFORESPONSE']._serialized_end=1368
+  _globals['_KVHANDLE']._serialized_start=1371
+  _globals['_KVHANDLE']._serialized_end=1527
+  _globals['_PULLREQUEST']._serialized_start=1529
+  _globals['_PULLREQUEST']._serialized_end=1621
+  _globals['_KVCACHELAYOUT']._serialized_start=1624
+  _globals['_KVCACHELAYOUT']._serialized_end=1754
+  _globals['_KVCHUNK']._serialized_start=1757
+  _globals['_KVCHUNK']._serialized_end=1885
+  _globals['_RELEASEHANDLEREQUEST']._serialized_start=1887
+  _globals['_RELEASEHANDLEREQUEST']._serialized_end=1928
+  _globals['_RELEASEHANDLERESPONSE']._serialized_start=1930
+  _globals['_RELEASEHANDLERESPONSE']._serialized_end=1971
+  _globals['_WORKER']._serialized_start=1974
+  _globals['_WORKER']._serialized_end=2323
+  _globals['_KVTRANSFER']._serialized_start=2326
+  _globals['_KVTRANSFER']._serialized_end=2478
 # @@protoc_insertion_point(module_scope)

@@ -72,7 +72,14 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "num_waiting", "num_running", "kv_blocks_used", "kv_blocks_total", "active_prefill_tokens", "prefix_hit_tokens", "prefix_query_tokens", "integrity_ok", "integrity_detail")
+    __slots__ = ("worker_id", "num_waiting", "num_running", "kv_blocks_used", "kv_blocks_total", "active_prefill_tokens", "prefix_hit_tokens", "prefix_query_tokens", "integrity_ok", "integrity_detail", "kv_pulls", "kv_pulls_failed", "kv_transport")
+    class KvPullsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +90,9 @@ class StatsResponse(_message.Message):
     PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INTEGRITY_OK_FIELD_NUMBER: _ClassVar[int]
     INTEGRITY_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    KV_PULLS_FIELD_NUMBER: _ClassVar[int]
+    KV_PULLS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_waiting: int
     num_running: int
@@ -93,7 +103,10 @@ class StatsResponse(_message.Message):
     prefix_query_tokens: int
     integrity_ok: bool
     integrity_detail: str
-    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., active_prefill_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., integrity_ok: _Optional[bool] = ..., integrity_detail: _Optional[str] = ...) -> None: ...
+    kv_pulls: _containers.ScalarMap[str, int]
+    kv_pulls_failed: int
+    kv_transport: str
+    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., active_prefill_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., integrity_ok: _Optional[bool] = ..., integrity_detail: _Optional[str] = ..., kv_pulls: _Optional[_Mapping[str, int]] = ..., kv_pulls_failed: _Optional[int] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
