@@ -5,6 +5,10 @@
 mocker workers over gRPC and NATS on the wall clock (:mod:`orchestrator.replay.online`), which
 the command starts and stops (also on Ctrl-C). Each is imported only when used. Prints a table
 of the results; ``--json OUT`` also writes them as one JSON object.
+
+``--offline --prefill-workers P --decode-workers D`` replays a disaggregated deployment
+(:mod:`orchestrator.replay.disagg`): give both, not with ``--workers``; the disaggregation
+flags (thresholds, KV transfer model) need them.
 """
 
 from __future__ import annotations
@@ -15,19 +19,33 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from orchestrator.replay.config import DISAGG_NOT_SUPPORTED, ReplayConfig
+from orchestrator.replay.config import DISAGG_ONLINE_NOT_SUPPORTED, ReplayConfig
 from orchestrator.replay.trace_file import load_trace
+from orchestrator.replay.transfer import KvTransferModel
 from router.cost import CostConfig
+from router.disagg import DisaggConfig
 from router.types import RouterMode
 from workers.mocker.timing import TimingModel
 
 _D = ReplayConfig(trace=Path("-"))
 _T = TimingModel()
 _C = CostConfig()
+_G = DisaggConfig()
+_X = KvTransferModel()
+_UNSET = object()  # a disaggregation flag not given (None is a value of some)
+_DISAGG_FLAGS = (("max_local_prefill_tokens", "--max-local-prefill-tokens"),
+                 ("max_prefill_queue_tokens", "--max-prefill-queue-tokens"),
+                 ("kv_bytes_per_token", "--kv-bytes-per-token"),
+                 ("kv_transfer_gbps", "--kv-transfer-gbps"),
+                 ("kv_transfer_latency_ms", "--kv-transfer-latency-ms"))
 
 
 def _optional_float(text: str) -> float | None:
     return None if text.strip().lower() == "none" else float(text)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else int(text)
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -37,12 +55,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    "output_length, hash_ids)")
     p.add_argument("--offline", action="store_true",
                    help="simulate the workers in-process on a virtual clock (mocker engines)")
-    p.add_argument("--workers", type=int, default=_D.workers,
-                   help="aggregated workers (default %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"aggregated workers (default {_D.workers})")
     p.add_argument("--prefill-workers", type=int, default=None,
-                   help="disaggregated: prefill workers (with --decode-workers)")
+                   help="disaggregated (--offline): prefill workers (with --decode-workers)")
     p.add_argument("--decode-workers", type=int, default=None,
-                   help="disaggregated: decode workers (with --prefill-workers)")
+                   help="disaggregated (--offline): decode workers (with --prefill-workers)")
     p.add_argument("--router", default=_D.router.value, choices=[m.value for m in RouterMode],
                    help="routing mode (default %(default)s)")
     p.add_argument("--speedup", type=float, default=_D.speedup,
@@ -77,6 +95,22 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    default=_C.busy_prefill_blocks,
                    help="skip workers with this many prefill blocks queued, 'none': off "
                         "(default %(default)s)")
+    d = p.add_argument_group("disaggregation (with --prefill-workers and --decode-workers); "
+                             "see router/disagg.py and orchestrator/replay/transfer.py")
+    d.add_argument("--max-local-prefill-tokens", type=int, default=_UNSET,
+                   help="prefill on the decode worker when at most this many prompt tokens "
+                        f"are uncached there (default {_G.max_local_prefill_tokens})")
+    d.add_argument("--max-prefill-queue-tokens", type=_optional_int, default=_UNSET,
+                   help="prefill locally when the prefill pool has more queued prefill "
+                        "tokens per worker than this, 'none': never by queue "
+                        f"(default {_G.max_prefill_queue_tokens})")
+    d.add_argument("--kv-bytes-per-token", type=int, default=_UNSET,
+                   help="KV bytes of one token: 2 * layers * kv_heads * head_dim * dtype "
+                        f"bytes (default {_X.bytes_per_token}: Llama-3-8B shape, bf16)")
+    d.add_argument("--kv-transfer-gbps", type=float, default=_UNSET,
+                   help=f"KV pull bandwidth, GB/s (default {_X.bandwidth_gb_s:g})")
+    d.add_argument("--kv-transfer-latency-ms", type=float, default=_UNSET,
+                   help=f"fixed cost of one KV pull, ms (default {_X.latency_ms:g})")
     p.add_argument("--limit", type=int, default=None,
                    help="replay only the first N requests of the trace")
     p.add_argument("--json", type=Path, default=None, metavar="OUT",
@@ -92,19 +126,41 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
     cost = CostConfig(prefill_weight=args.prefill_weight, decode_weight=args.decode_weight,
                       temperature=args.temperature, busy_kv_usage=args.busy_kv_usage,
                       busy_prefill_blocks=args.busy_prefill_blocks)
+    disagg = args.prefill_workers is not None or args.decode_workers is not None
+    if disagg and args.workers is not None:
+        raise ValueError("give either --workers N (aggregated workers) or --prefill-workers P "
+                         "--decode-workers D (disaggregated), not both")
+    given = [flag for name, flag in _DISAGG_FLAGS if getattr(args, name) is not _UNSET]
+    if given and not disagg:
+        raise ValueError(f"{', '.join(given)} only apply to a disaggregated replay: add "
+                         "--prefill-workers P --decode-workers D (and --offline)")
+    dcfg = DisaggConfig(
+        max_local_prefill_tokens=_given(args.max_local_prefill_tokens,
+                                        _G.max_local_prefill_tokens),
+        max_prefill_queue_tokens=_given(args.max_prefill_queue_tokens,
+                                        _G.max_prefill_queue_tokens))
+    transfer = KvTransferModel(
+        bytes_per_token=_given(args.kv_bytes_per_token, _X.bytes_per_token),
+        bandwidth_gb_s=_given(args.kv_transfer_gbps, _X.bandwidth_gb_s),
+        latency_ms=_given(args.kv_transfer_latency_ms, _X.latency_ms))
     return ReplayConfig(
-        trace=args.trace, workers=args.workers, prefill_workers=args.prefill_workers,
-        decode_workers=args.decode_workers, router=args.router, speedup=args.speedup,
-        block_size=args.block_size, num_blocks=args.num_blocks,
-        max_num_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
-        timing=timing, cost=cost, limit=args.limit, seed=args.seed)
+        trace=args.trace, workers=_D.workers if args.workers is None else args.workers,
+        prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+        router=args.router, speedup=args.speedup, block_size=args.block_size,
+        num_blocks=args.num_blocks, max_num_batched_tokens=args.max_batched_tokens,
+        max_num_seqs=args.max_num_seqs, timing=timing, cost=cost,
+        disagg=dcfg if disagg else None, transfer=transfer, limit=args.limit, seed=args.seed)
+
+
+def _given(value, default):
+    return default if value is _UNSET else value
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         config = build_config(args)
-        if config.disaggregated:
-            raise ValueError(DISAGG_NOT_SUPPORTED)
+        if config.disaggregated and not args.offline:
+            raise ValueError(DISAGG_ONLINE_NOT_SUPPORTED)
         requests = load_trace(config.trace, config.limit)  # a bad trace fails before imports
         if args.offline:
             from orchestrator.replay.simulator import replay_offline
@@ -141,4 +197,5 @@ def _config_dict(config: ReplayConfig) -> dict:
     d["trace"] = str(config.trace)
     d["router"] = config.router.value
     d["cost"] = asdict(config.cost_config)
+    d["disagg"] = asdict(config.disagg_config) if config.disaggregated else None
     return d

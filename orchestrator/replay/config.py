@@ -12,13 +12,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.replay.transfer import KvTransferModel
 from router.cost import CostConfig
+from router.disagg import DisaggConfig
 from router.types import RouterMode
 from workers.mocker.timing import TimingModel
 
-DISAGG_NOT_SUPPORTED = (
-    "not supported yet: disaggregated replay comes with the disaggregation work; "
-    "drop --prefill-workers/--decode-workers and use --workers N (aggregated workers)")
+DISAGG_ONLINE_NOT_SUPPORTED = (
+    "the online replay runs aggregated workers only; add --offline to replay a disaggregated "
+    "deployment (--prefill-workers/--decode-workers) in the simulator, or use --workers N")
 
 
 def _int_at_least(name: str, value: object, low: int, hint: str) -> None:
@@ -32,7 +34,13 @@ class ReplayConfig:
     - ``trace``: the Mooncake-format trace file (JSON lines).
     - ``workers``: aggregated workers (each prefills and decodes its own requests).
     - ``prefill_workers`` / ``decode_workers``: a disaggregated deployment (both or neither;
-      the offline replay refuses them for now: :data:`DISAGG_NOT_SUPPORTED`).
+      then ``workers`` is not used): prefill workers only prefill and hand their KV over,
+      decode workers decode and prefill short prompts themselves
+      (:mod:`orchestrator.replay.disagg`; offline only: :data:`DISAGG_ONLINE_NOT_SUPPORTED`).
+    - ``disagg``: the router's local-or-remote prefill thresholds
+      (:class:`~router.disagg.DisaggConfig`; None: its defaults). Disaggregated only.
+    - ``transfer``: how long a KV pull takes (:class:`~orchestrator.replay.transfer.
+      KvTransferModel`). Disaggregated only.
     - ``router``: routing mode (``kv``, ``approx``, ``round_robin``, ``random``).
     - ``speedup``: trace arrival times are divided by it (2.0 = twice the request rate).
     - ``block_size``, ``num_blocks`` (per worker), ``max_num_batched_tokens``,
@@ -58,6 +66,8 @@ class ReplayConfig:
     max_num_seqs: int = 256
     timing: TimingModel = field(default_factory=TimingModel)
     cost: CostConfig | None = None
+    disagg: DisaggConfig | None = None
+    transfer: KvTransferModel = field(default_factory=KvTransferModel)
     limit: int | None = None
     seed: int = 0
     hash_seed: int = 0
@@ -90,6 +100,12 @@ class ReplayConfig:
             raise TypeError(f"timing must be a TimingModel, got {type(self.timing).__name__}")
         if self.cost is not None and not isinstance(self.cost, CostConfig):
             raise TypeError(f"cost must be a CostConfig or None, got {type(self.cost).__name__}")
+        if self.disagg is not None and not isinstance(self.disagg, DisaggConfig):
+            raise TypeError(f"disagg must be a DisaggConfig or None, got "
+                            f"{type(self.disagg).__name__}")
+        if not isinstance(self.transfer, KvTransferModel):
+            raise TypeError(f"transfer must be a KvTransferModel, got "
+                            f"{type(self.transfer).__name__}")
         if self.limit is not None:
             _int_at_least("limit", self.limit, 1, "or leave it unset to replay the whole trace")
         for name in ("seed", "hash_seed"):
@@ -106,5 +122,16 @@ class ReplayConfig:
     def cost_config(self) -> CostConfig:
         return self.cost if self.cost is not None else CostConfig()
 
+    @property
+    def disagg_config(self) -> DisaggConfig:
+        return self.disagg if self.disagg is not None else DisaggConfig()
 
-__all__ = ["DISAGG_NOT_SUPPORTED", "ReplayConfig"]
+    @property
+    def num_workers(self) -> int:
+        """Workers the replay runs: prefill + decode when disaggregated, else ``workers``."""
+        if self.prefill_workers is not None and self.decode_workers is not None:
+            return self.prefill_workers + self.decode_workers
+        return self.workers
+
+
+__all__ = ["DISAGG_ONLINE_NOT_SUPPORTED", "ReplayConfig"]

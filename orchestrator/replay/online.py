@@ -52,7 +52,7 @@ from orchestrator.frontend.config import FrontendConfig
 from orchestrator.frontend.core import Frontend
 from orchestrator.frontend.types import FinishReason, FrontendError, GenerateInput
 from orchestrator.nats_server import NatsServer
-from orchestrator.replay.config import DISAGG_NOT_SUPPORTED, ReplayConfig
+from orchestrator.replay.config import DISAGG_ONLINE_NOT_SUPPORTED, ReplayConfig
 from orchestrator.replay.oracle import OracleCache
 from orchestrator.replay.report import LatencySummary, ReplayReport, RouterSummary
 from orchestrator.routing import RoutingConfig, RoutingService
@@ -188,7 +188,7 @@ class OnlineReplay:
         if not isinstance(config, ReplayConfig):
             raise TypeError(f"config must be a ReplayConfig, got {type(config).__name__}")
         if config.disaggregated:
-            raise ValueError(DISAGG_NOT_SUPPORTED)
+            raise ValueError(DISAGG_ONLINE_NOT_SUPPORTED)
         reqs = list(requests)[: config.limit] if config.limit is not None else list(requests)
         if not reqs:
             raise ValueError("nothing to replay: the trace holds no requests")

@@ -11,12 +11,23 @@ Definitions (times in ms of the replay's clock: virtual for offline, wall for on
   from the first arrival to the last finish.
 - ``prefix_reuse``: prompt tokens served from the workers' prefix caches (the engines'
   ``num_cached_tokens``, counted at each request's first schedule) over all prompt tokens of
-  the completed requests.
+  the completed requests. Disaggregated: the cache of the worker that computed the prompt:
+  the prefill worker's for a remote prefill (what the live frontend reports as the request's
+  cached tokens; the blocks the decode worker then pulls or already held are not counted
+  again), the decode worker's for a local one.
 - ``oracle_reuse``: the same share for an infinite cache shared by all workers (see
   :mod:`orchestrator.replay.oracle`): the ceiling any router could reach.
 - ``router``: the router's own view (:class:`~router.types.RouterStats`): full prompt blocks
   routed, those the chosen worker held as the router knew it, and those any earlier request
-  had; plus how many requests each worker got.
+  had; plus how many requests each worker got. Disaggregated: the hits are those of the
+  worker that prefills (see :class:`~router.disagg.DisaggStats`).
+- ``disagg`` (disaggregated replays only, :class:`DisaggSummary`): the router's decisions by
+  reason (:class:`~router.disagg.DisaggReason`: remote ``long_prefill``; local
+  ``short_prefill``, ``prefill_busy``; ``prefill_failed`` counts remote requests that fell
+  back to a local prefill), and the KV pulls: how many, the blocks pulled and the bytes (the
+  transfer model's), the handle blocks the decode worker already held (not pulled), pulls
+  refused for want of free blocks (the decode worker prefilled instead), and the pull
+  durations.
 """
 
 from __future__ import annotations
@@ -62,6 +73,44 @@ class RouterSummary:
 
 
 @dataclass(frozen=True)
+class DisaggSummary:
+    prefill_workers: int
+    decode_workers: int
+    decisions: dict[str, int]  # DisaggReason value -> requests
+    remote: int  # routed to a prefill worker
+    local: int  # prefilled on their decode worker from the start
+    pulls: int  # imports that pulled at least one block
+    pulled_blocks: int
+    skipped_blocks: int  # handle blocks the decode worker already cached
+    no_room: int  # imports refused for want of free blocks (prefilled on the decode worker)
+    transfer_bytes: int
+    transfer: LatencySummary  # pull durations
+    kv_bytes_per_token: int
+    bandwidth_gb_s: float
+    prefill_requests_per_worker: dict[str, int] = field(default_factory=dict)
+    decode_requests_per_worker: dict[str, int] = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[str, str]]:
+        d = self.decisions
+        local = [r for r in ("short_prefill", "prefill_busy", "no_prefill_worker")
+                 if d.get(r)]
+        t = self.transfer
+        return [
+            ("remote prefill", f"{self.remote} ({_reasons(d, ['long_prefill'])})"
+                               + (f", {d['prefill_failed']} fell back to local"
+                                  if d.get("prefill_failed") else "")),
+            ("local prefill", f"{self.local}" + (f" ({_reasons(d, local)})" if local else "")),
+            ("KV pulls", (f"{self.pulls}: {self.pulled_blocks} blocks, "
+                          f"{self.transfer_bytes / 1e9:.2f} GB at {_num(self.bandwidth_gb_s)} "
+                          f"GB/s; {self.skipped_blocks} blocks held already"
+                          + (f"; {self.no_room} without room" if self.no_room else ""))),
+            ("pull time mean / p99", f"{t.mean_ms:.2f} / {t.p99_ms:.2f} ms"),
+            ("requests per prefill worker", _spread(self.prefill_requests_per_worker)),
+            ("requests per decode worker", _spread(self.decode_requests_per_worker)),
+        ]
+
+
+@dataclass(frozen=True)
 class ReplayReport:
     mode: str  # "offline" or "online"
     router: str
@@ -84,6 +133,7 @@ class ReplayReport:
     preemptions: int
     router_stats: RouterSummary
     wall_s: float  # real seconds the replay took
+    disagg: DisaggSummary | None = None  # disaggregated replays only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,10 +144,11 @@ class ReplayReport:
     def format_table(self) -> str:
         """A human-readable table of the headline figures."""
         t, i, r = self.ttft, self.itl, self.router_stats
-        per = r.requests_per_worker
-        spread = f"{min(per.values())}..{max(per.values())}" if per else "-"
+        dis = self.disagg
+        workers = f"{self.workers} workers" if dis is None else (
+            f"{dis.prefill_workers} prefill + {dis.decode_workers} decode workers")
         rows = [
-            ("replay", (f"{self.mode}, router {self.router}, {self.workers} workers, "
+            ("replay", (f"{self.mode}, router {self.router}, {workers}, "
                         f"speedup {_num(self.speedup)}")),
             ("requests", f"{self.completed} completed of {self.requests}"
                          + (f" ({self.failed} failed)" if self.failed else "")),
@@ -110,11 +161,22 @@ class ReplayReport:
             ("oracle reuse", f"{_pct(self.oracle_reuse)} (infinite shared cache)"),
             ("router hit / achievable", (f"{_pct(r.hit_rate)} / {_pct(r.achievable_hit_rate)} "
                                          f"of {r.prompt_blocks} blocks")),
-            ("requests per worker", spread),
-            ("preemptions", str(self.preemptions)),
         ]
+        if dis is None:
+            rows.append(("requests per worker", _spread(r.requests_per_worker)))
+        else:
+            rows += dis.rows()
+        rows.append(("preemptions", str(self.preemptions)))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _spread(per: dict[str, int]) -> str:
+    return f"{min(per.values())}..{max(per.values())}" if per else "-"
+
+
+def _reasons(decisions: dict[str, int], names: list[str]) -> str:
+    return ", ".join(f"{n} {decisions.get(n, 0)}" for n in names)
 
 
 def _pct(x: float) -> str:
@@ -125,4 +187,4 @@ def _num(x: float) -> str:
     return str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"
 
 
-__all__ = ["LatencySummary", "ReplayReport", "RouterSummary"]
+__all__ = ["DisaggSummary", "LatencySummary", "ReplayReport", "RouterSummary"]

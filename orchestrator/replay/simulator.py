@@ -40,19 +40,17 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvcache.hashing import BlockHashConfig, hash_blocks
-from orchestrator.replay.config import DISAGG_NOT_SUPPORTED, ReplayConfig
+from orchestrator.replay.config import ReplayConfig
 from orchestrator.replay.oracle import OracleCache
 from orchestrator.replay.report import LatencySummary, ReplayReport, RouterSummary
+from orchestrator.replay.sim_workers import SimWorker, Tally, make_worker, share
 from router.router import Router, make_router
 from router.trace import TraceRequest, trace_token_ids
-from router.types import LoadReport, RouteRequest, RouterMode, WorkerInfo
-from workers.engine.config import EngineConfig
-from workers.engine.engine import LLMEngine, StepResult
+from router.types import RouteRequest, RouterMode, WorkerInfo
 from workers.engine.types import (
     EngineRequest,
     FinishReason,
@@ -60,22 +58,6 @@ from workers.engine.types import (
     RequestOutput,
     SamplingParams,
 )
-from workers.mocker.clock import VirtualClock
-from workers.mocker.runner import MockerRunner
-from workers.server.worker import build_load_report
-
-
-class _Worker:
-    __slots__ = ("busy", "clock", "engine", "index", "pending", "worker_id")
-
-    def __init__(self, index: int, worker_id: str, engine: LLMEngine, clock: VirtualClock
-                 ) -> None:
-        self.index = index
-        self.worker_id = worker_id
-        self.engine = engine
-        self.clock = clock
-        self.busy = False
-        self.pending: StepResult | None = None  # the step running now
 
 
 class _Req:
@@ -94,21 +76,6 @@ class _Req:
         self.num_out = 0
 
 
-@dataclass
-class _Tally:
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    e2e: list[float] = field(default_factory=list)
-    completed: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    oracle_tokens: int = 0
-    output_tokens: int = 0
-    first_arrival: float | None = None
-    last_finish: float = 0.0
-
-
 class OfflineReplay:
     """One replay of ``requests`` under ``config`` (see the module docstring); :meth:`run` once."""
 
@@ -116,7 +83,8 @@ class OfflineReplay:
         if not isinstance(config, ReplayConfig):
             raise TypeError(f"config must be a ReplayConfig, got {type(config).__name__}")
         if config.disaggregated:
-            raise ValueError(DISAGG_NOT_SUPPORTED)
+            raise ValueError("this config is disaggregated: replay it with "
+                             "orchestrator.replay.disagg.DisaggReplay (replay_offline picks it)")
         if not requests:
             raise ValueError("nothing to replay: the trace holds no requests")
         self.config = config
@@ -128,23 +96,14 @@ class OfflineReplay:
         self.router: Router = make_router(config.router, self._hash_config, config.cost_config,
                                           seed=config.seed, clock=self._clock)
         self._events_on = self.router.mode is not RouterMode.APPROX
-        engine_config = EngineConfig(
-            block_size=config.block_size, num_blocks=config.num_blocks,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            enable_prefix_caching=True, hash_seed=config.hash_seed)
-        max_model_len = config.num_blocks * config.block_size
-        self.workers: dict[str, _Worker] = {}
+        self.workers: dict[str, SimWorker] = {}
         for i in range(config.workers):
-            wid = f"worker-{i}"
-            clock = VirtualClock()
-            runner = MockerRunner(config.vocab_size, max_model_len, config.timing, clock,
-                                  seed=config.seed)
-            self.workers[wid] = _Worker(i, wid, LLMEngine(runner, engine_config), clock)
-            self.router.add_worker(WorkerInfo(wid, self._hash_config, config.num_blocks))
+            w = make_worker(config, i, f"worker-{i}")
+            self.workers[w.worker_id] = w
+            self.router.add_worker(WorkerInfo(w.worker_id, self._hash_config, config.num_blocks))
         self._oracle = OracleCache(config.block_size)
         self._reqs: dict[str, _Req] = {}
-        self._tally = _Tally()
+        self._tally = Tally()
         self._per_worker = dict.fromkeys(self.workers, 0)
         self._ran = False
 
@@ -177,7 +136,7 @@ class OfflineReplay:
                 ai += 1
             for w in workers:
                 if not w.busy and w.engine.has_unfinished():
-                    done_at = self._start_step(w, t)
+                    done_at = w.start_step(t)
                     heapq.heappush(heap, (done_at, w.index, w.worker_id))
         return self._report(time.perf_counter() - wall0)
 
@@ -206,21 +165,8 @@ class OfflineReplay:
         self._reqs[rid] = _Req(t, len(tokens), out_len, wid, oracle_blocks)
         self._per_worker[wid] += 1
 
-    def _start_step(self, w: _Worker, t: float) -> float:
-        w.clock.advance_to(t)
-        res = w.engine.step()
-        if res.num_scheduled == 0 and not res.outputs:
-            raise RuntimeError(f"{w.worker_id} has unfinished requests but its step scheduled "
-                               f"nothing (scheduler bug); stats: {res.stats!r}")
-        w.pending = res
-        w.busy = True
-        return w.clock.now()
-
-    def _complete(self, w: _Worker, t: float) -> None:
-        res = w.pending
-        assert res is not None
-        w.pending = None
-        w.busy = False
+    def _complete(self, w: SimWorker, t: float) -> None:
+        res = w.finish_step()
         router = self.router
         for out in res.outputs:
             self._output(out, t)
@@ -228,10 +174,7 @@ class OfflineReplay:
             applied = router.apply_events(w.worker_id, res.kv_events)
             if not applied.ok:
                 raise RuntimeError(f"router refused {w.worker_id}'s KV events: {applied!r}")
-        r = build_load_report(w.worker_id, w.engine)
-        router.apply_load(LoadReport(
-            r.worker_id, r.timestamp, r.waiting, r.running, r.kv_blocks_used,
-            r.kv_blocks_total, r.active_prefill_tokens, r.active_decode_blocks))
+        router.apply_load(w.load_report())
 
     def _output(self, out: RequestOutput, t: float) -> None:
         rid = out.request_id
@@ -283,9 +226,9 @@ class OfflineReplay:
             prompt_tokens=tally.prompt_tokens, cached_tokens=tally.cached_tokens,
             output_tokens=tally.output_tokens,
             output_tokens_per_s=tally.output_tokens / duration if duration > 0 else 0.0,
-            prefix_reuse=_share(tally.cached_tokens, tally.prompt_tokens),
+            prefix_reuse=share(tally.cached_tokens, tally.prompt_tokens),
             oracle_hit_tokens=tally.oracle_tokens,
-            oracle_reuse=_share(tally.oracle_tokens, tally.prompt_tokens),
+            oracle_reuse=share(tally.oracle_tokens, tally.prompt_tokens),
             preemptions=preemptions,
             router_stats=RouterSummary(
                 stats.requests, stats.prompt_blocks, stats.hit_blocks,
@@ -295,10 +238,6 @@ class OfflineReplay:
         )
 
 
-def _share(part: int, whole: int) -> float:
-    return part / whole if whole else 0.0
-
-
 def replay_offline(config: ReplayConfig, requests: Sequence[TraceRequest] | None = None
                    ) -> ReplayReport:
     """Replay ``requests`` (default: the first ``config.limit`` of ``config.trace``)."""
@@ -306,6 +245,10 @@ def replay_offline(config: ReplayConfig, requests: Sequence[TraceRequest] | None
         from orchestrator.replay.trace_file import load_trace
 
         requests = load_trace(config.trace, config.limit)
+    if config.disaggregated:
+        from orchestrator.replay.disagg import DisaggReplay
+
+        return DisaggReplay(config, requests).run()
     return OfflineReplay(config, requests).run()
 
 

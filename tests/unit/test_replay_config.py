@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.commands import replay as replay_cmd
-from orchestrator.replay.config import DISAGG_NOT_SUPPORTED, ReplayConfig
+from orchestrator.replay.config import ReplayConfig
 from router.cost import CostConfig
 from router.types import RouterMode
 from workers.mocker.timing import TimingModel
@@ -92,8 +92,7 @@ def test_cli_flags_reach_the_config():
 @pytest.mark.parametrize("argv, message", [
     (["--speedup", "0"], "ferry replay: speedup must be a number > 0"),
     (["--workers", "0"], "ferry replay: workers must be an integer >= 1"),
-    (["--prefill-workers", "1", "--decode-workers", "1"],
-     f"ferry replay: {DISAGG_NOT_SUPPORTED}"),
+    (["--prefill-workers", "1"], "ferry replay: give both --prefill-workers"),
     (["--limit", "-3"], "ferry replay: limit must be an integer >= 1"),
     (["--decode-weight", "-1"], ("ferry replay: CostConfig.decode_weight must be a finite "
                                  "number >= 0")),

@@ -1,0 +1,144 @@
+"""The offline replays' workers: mocker engines on virtual clocks, stepped by an event loop.
+
+A :class:`SimWorker` is one :class:`~workers.engine.engine.LLMEngine` over a
+:class:`~workers.mocker.runner.MockerRunner` with its own
+:class:`~workers.mocker.clock.VirtualClock` (prefix caching on, the router's block size and
+hash seed). The loop that owns it (:mod:`orchestrator.replay.simulator`,
+:mod:`orchestrator.replay.disagg`):
+
+- :meth:`SimWorker.start_step` at ``t`` when it is idle with unfinished requests: its clock
+  jumps to ``t``, ``engine.step()`` runs, and the returned completion time is ``t`` plus the
+  mocker's modelled duration. The worker is busy until then.
+- :meth:`SimWorker.finish_step` at that completion time: the step's result (outputs, KV
+  event batch) is handed to the loop, which emits it at that time.
+- :meth:`SimWorker.call` for work a live worker does on its engine thread *between* steps
+  (``AsyncEngine.call``: a KV import's reservation and commit, a handle's release): it runs
+  at once on an idle worker, else when its running step completes (:meth:`run_calls`, in the
+  order the calls were made), before its next step starts.
+
+:class:`Tally` is what a replay adds up for its report (see :mod:`orchestrator.replay.report`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator.replay.config import ReplayConfig
+from router.types import LoadReport
+from workers.engine.config import EngineConfig
+from workers.engine.engine import LLMEngine, StepResult
+from workers.mocker.clock import VirtualClock
+from workers.mocker.runner import MockerRunner
+from workers.server.worker import build_load_report
+
+EngineCall = Callable[[float], None]  # run on a worker's engine between steps, at time t
+
+
+class SimWorker:
+    """One mocker worker of an offline replay (see the module docstring)."""
+
+    __slots__ = ("busy", "calls", "clock", "engine", "index", "pending", "worker_id")
+
+    def __init__(self, index: int, worker_id: str, engine: LLMEngine, clock: VirtualClock
+                 ) -> None:
+        self.index = index
+        self.worker_id = worker_id
+        self.engine = engine
+        self.clock = clock
+        self.busy = False
+        self.pending: StepResult | None = None  # the step running now
+        self.calls: list[EngineCall] = []  # waiting for the running step to complete
+
+    def start_step(self, t: float) -> float:
+        """Run one engine step starting at ``t``; returns its completion time."""
+        self.clock.advance_to(t)
+        res = self.engine.step()
+        if res.num_scheduled == 0 and not res.outputs:
+            raise RuntimeError(f"{self.worker_id} has unfinished requests but its step "
+                               f"scheduled nothing (scheduler bug); stats: {res.stats!r}")
+        self.pending = res
+        self.busy = True
+        return self.clock.now()
+
+    def finish_step(self) -> StepResult:
+        res = self.pending
+        if res is None:
+            raise RuntimeError(f"{self.worker_id} has no step running")
+        self.pending = None
+        self.busy = False
+        return res
+
+    def call(self, fn: EngineCall, t: float) -> None:
+        """Run ``fn(t)`` now when idle, else ``fn(completion time)`` between its steps."""
+        if self.busy:
+            self.calls.append(fn)
+        else:
+            fn(t)
+
+    def run_calls(self, t: float) -> None:
+        while self.calls:
+            calls, self.calls = self.calls, []
+            for fn in calls:
+                fn(t)
+
+    def load_report(self) -> LoadReport:
+        """The engine's load now, as a live worker reports it (router's type)."""
+        r = build_load_report(self.worker_id, self.engine)
+        return LoadReport(r.worker_id, r.timestamp, r.waiting, r.running, r.kv_blocks_used,
+                          r.kv_blocks_total, r.active_prefill_tokens, r.active_decode_blocks)
+
+    def check_drained(self) -> None:
+        """Raise RuntimeError unless nothing is left on it: no request, no hold (pin or
+        reservation), no block in use, and the scheduler's and cache's invariants hold."""
+        engine, kv = self.engine, self.engine.kv
+        problems = []
+        if engine.has_unfinished() or self.busy or self.calls:
+            problems.append("unfinished requests or engine calls")
+        if len(kv.holds):
+            problems.append(f"{len(kv.holds)} hold(s) of {kv.holds.num_blocks()} block(s) left "
+                            "(pins or import reservations)")
+        if kv.num_used_blocks:
+            problems.append(f"{kv.num_used_blocks} block(s) still in use")
+        try:
+            engine.check_integrity()
+            kv.check_integrity()
+        except AssertionError as e:
+            problems.append(f"integrity: {e}")
+        if problems:
+            raise RuntimeError(f"{self.worker_id} is not drained at the end of the replay: "
+                               + "; ".join(problems))
+
+
+def make_worker(config: ReplayConfig, index: int, worker_id: str) -> SimWorker:
+    """A worker with the engine ``config`` describes (its seed: ``config.seed``)."""
+    engine_config = EngineConfig(
+        block_size=config.block_size, num_blocks=config.num_blocks,
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        enable_prefix_caching=True, hash_seed=config.hash_seed)
+    clock = VirtualClock()
+    runner = MockerRunner(config.vocab_size, config.num_blocks * config.block_size,
+                          config.timing, clock, seed=config.seed)
+    return SimWorker(index, worker_id, LLMEngine(runner, engine_config), clock)
+
+
+@dataclass
+class Tally:
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    completed: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    oracle_tokens: int = 0
+    output_tokens: int = 0
+    first_arrival: float | None = None
+    last_finish: float = 0.0
+
+
+def share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+__all__ = ["EngineCall", "SimWorker", "Tally", "make_worker", "share"]
