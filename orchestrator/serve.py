@@ -38,6 +38,7 @@ from router.types import RouterMode
 from workers.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model
 from workers.engine.config import EngineConfig
 from workers.mocker.timing import TimingModel
+from workers.server.kv_transport import KV_TRANSPORTS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class ServeConfig:
     # Frontend processes sharing the ports (SO_REUSEPORT): this one and frontends - 1 children
     # (orchestrator/frontend_process.py), each with its own router replica.
     frontends: int = 1
+    # How KV blocks move from prefill to decode workers (workers/server/kv_transport.py):
+    # auto (shared memory on one host, gRPC between hosts), grpc, shm or cuda-ipc.
+    kv_transport: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
@@ -93,6 +97,9 @@ class ServeConfig:
             raise ValueError(f"--router must be one of {modes}, got {self.router!r}")
         if self.runner not in ("torch", "mocker"):
             raise ValueError(f"--runner must be 'torch' or 'mocker', got {self.runner!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"--kv-transport must be one of {list(KV_TRANSPORTS)}, got "
+                             f"{self.kv_transport!r}")
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,7 @@ def worker_specs(cfg: ServeConfig, nats_url: str, vocab: int, max_len: int) -> l
         WorkerSpec(worker_id=worker_id, model=cfg.model, served_model_name=served_name(cfg.model),
                    runner=cfg.runner, engine=cfg.engine, kv_cache_bytes=cfg.kv_cache_bytes,
                    mocker_vocab_size=vocab, mocker_max_model_len=max_len, timing=cfg.timing,
-                   nats_url=nats_url, host=cfg.host, role=role)
+                   nats_url=nats_url, host=cfg.host, role=role, kv_transport=cfg.kv_transport)
         for worker_id, role in worker_roles(cfg)
     ]
 

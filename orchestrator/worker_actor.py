@@ -4,19 +4,25 @@ gRPC server, publishing KV events and load to NATS.
 Lifecycle (control plane side / actor side):
 - the control plane creates the actor with its resources (one GPU where Ray has GPUs, a CPU
   share otherwise) and a :class:`WorkerSpec`;
-- ``start()`` builds the engine inside the actor's process, binds the gRPC server on a port
-  the OS picks, and returns a :class:`WorkerEndpoint` (the address the frontend dials);
+- the actor's process tunes malloc for bulk KV transfers (kvcache/transfer/tuning.py),
+  deletes KV arenas in /dev/shm left by killed workers, and builds the engine (a prefill
+  worker's KV caches in a shared-memory arena unless ``kv_transport`` is grpc, see
+  workers/server/kv_transport.py);
+- ``start()`` binds the gRPC server on a port the OS picks and returns a
+  :class:`WorkerEndpoint` (the address the frontend dials);
 - ``stop()`` drains nothing and stops at once: in-flight streams end, the gRPC server closes,
-  the NATS link closes; then the control plane kills the actor.
+  the NATS link closes, the KV arena is unlinked; then the control plane kills the actor.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 from workers.engine.config import EngineConfig
 from workers.mocker.timing import TimingModel
+from workers.server.kv_transport import check_kv_transport
 
 ROLES = ("aggregated", "prefill", "decode")  # the values of workers.server.worker.WorkerRole
 
@@ -36,8 +42,10 @@ class WorkerSpec:
     host: str = "127.0.0.1"
     torch_threads: int | None = None
     role: str = "aggregated"  # "aggregated", "prefill" or "decode" (WorkerConfig.role)
+    kv_transport: str = "auto"  # WorkerConfig.kv_transport: auto, grpc, shm or cuda-ipc
 
     def __post_init__(self) -> None:
+        check_kv_transport(self.kv_transport)
         if self.runner not in ("torch", "mocker"):
             raise ValueError(f"runner must be 'torch' or 'mocker', got {self.runner!r}")
         if self.role not in ROLES:
@@ -57,7 +65,12 @@ class WorkerEndpoint:
 
 
 def build_engine(spec: WorkerSpec):
-    """The engine a spec describes (runs inside the worker's process)."""
+    """The engine a spec describes and the shared-memory arena holding its KV caches (None
+    when they are private; see workers/server/kv_transport.py). Runs inside the worker's
+    process."""
+    from workers.server.kv_transport import arena_name, mocker_arena, wants_arena
+
+    name = arena_name(spec.worker_id) if wants_arena(spec.kv_transport, spec.role) else None
     if spec.runner == "mocker":
         from workers.engine.engine import LLMEngine
         from workers.mocker.clock import WallClock
@@ -65,31 +78,48 @@ def build_engine(spec: WorkerSpec):
 
         runner = MockerRunner(spec.mocker_vocab_size, spec.mocker_max_model_len,
                               timing=spec.timing, clock=WallClock())
-        return LLMEngine(runner, spec.engine)
+        arena = None if name is None else mocker_arena(name, spec.engine.block_size,
+                                                       spec.engine.num_blocks)
+        return LLMEngine(runner, spec.engine), arena
     import torch
 
     from workers.engine.factory import build_torch_engine
 
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
-    return build_torch_engine(spec.model, spec.engine, kv_cache_bytes=spec.kv_cache_bytes).engine
+    try:
+        built = build_torch_engine(spec.model, spec.engine, kv_cache_bytes=spec.kv_cache_bytes,
+                                   kv_arena_name=name)
+    except ValueError as exc:
+        if name is None or spec.kv_transport != "auto" or "/dev/shm" not in str(exc):
+            raise
+        # auto: /dev/shm too small for the KV cache (docker's default is 64 MiB): private
+        # caches, KV handles pulled over gRPC
+        logging.getLogger(__name__).warning("%s; KV caches stay private (gRPC transport)", exc)
+        built = build_torch_engine(spec.model, spec.engine, kv_cache_bytes=spec.kv_cache_bytes)
+    return built.engine, built.kv_arena
 
 
 class WorkerActor:
     """Wrapped with ``ray.remote`` by the control plane (this module does not import ray)."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        from kvcache.transfer.tuning import tune_malloc
+        from workers.server.kv_transport import remove_stale_arenas
+
+        tune_malloc()  # bulk KV transfers reuse heap buffers (kvcache/transfer/tuning.py)
+        remove_stale_arenas()  # left in /dev/shm by workers killed before their stop
         self.spec = spec
         self.server = None
-        self.engine = build_engine(spec)
+        self.engine, self.kv_arena = build_engine(spec)
 
     async def start(self) -> WorkerEndpoint:
         from workers.server.worker import WorkerConfig, WorkerServer
 
         config = WorkerConfig(worker_id=self.spec.worker_id, model=self.spec.served_model_name,
                               role=self.spec.role, host=self.spec.host, port=0,
-                              nats_url=self.spec.nats_url)
-        self.server = WorkerServer(self.engine, config)
+                              nats_url=self.spec.nats_url, kv_transport=self.spec.kv_transport)
+        self.server = WorkerServer(self.engine, config, kv_arena=self.kv_arena)
         address = await self.server.start()
         cfg = self.engine.config
         return WorkerEndpoint(worker_id=self.spec.worker_id, address=address, pid=os.getpid(),

@@ -11,6 +11,7 @@ from router.disagg import DisaggConfig
 from router.types import RouterMode
 from workers.embedded import DEFAULT_MODEL
 from workers.engine.config import EngineConfig
+from workers.server.kv_transport import KV_TRANSPORTS
 
 _D = EngineConfig()
 _DG = DisaggConfig()
@@ -34,6 +35,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    default=_DG.max_prefill_queue_tokens, metavar="N",
                    help="disaggregated: prefill on the decode worker while the prefill workers "
                         "have more than N prompt tokens queued each (0: no limit; default "
+                        "%(default)s)")
+    p.add_argument("--kv-transport", default="auto", choices=list(KV_TRANSPORTS),
+                   help="disaggregated: how KV blocks move from prefill to decode workers. "
+                        "auto: shared memory between workers on one host (CUDA IPC for GPU "
+                        "caches), gRPC between hosts; grpc; shm; cuda-ipc (default "
                         "%(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port, kserve_grpc_port=args.kserve_grpc_port,
             nats_url=args.nats_url, ray_address=args.address, router=args.router,
             runner=args.runner, engine=engine, frontends=args.frontends,
+            kv_transport=args.kv_transport,
             kv_cache_bytes=None if args.num_blocks else args.kv_cache_memory_mib * 2**20)
     except ValueError as exc:
         print(f"ferry serve: {exc}", file=sys.stderr)

@@ -6,6 +6,10 @@ decode worker copies the blocks out of the arena and decodes the aggregated gree
 segment it cannot open (holder on another host) falls back to gRPC; a puller set to ``grpc``
 never maps the arena; each import is counted under the transport that moved it (Stats);
 the arena is unlinked when the worker stops; settings the caches cannot serve are refused.
+
+``ferry serve --prefill-workers 1 --decode-workers 1 --kv-transport T`` (separate processes)
+for T in grpc and shm: greedy text equals aggregated greedy text, the decode worker's stats
+say T moved every import, and no /dev/shm segment of the workers outlives the deployment.
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ import struct
 import subprocess
 from pathlib import Path
 
+import grpc
+import openai
 import pytest
 
+from ferry.v1 import worker_pb2, worker_pb2_grpc
 from kvcache.transfer.shm import MAGIC, SHM_DIR
+from tests.helpers.serve_process import ServeProcess, wait_gone
 from tests.helpers.tiny_model import make_tiny_llama, write_hf_folder
 from tests.integration.test_disagg_worker import PROMPT, Worker, no_blocks_in_use
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
 from workers.engine.factory import build_torch_engine
 from workers.engine.model_runner import TorchModelRunner
+from workers.engine.types import EngineRequest, SamplingParams
 from workers.mocker.runner import MockerRunner
 from workers.server.kv_transport import (
     ARENA_PREFIX,
@@ -39,6 +48,8 @@ pytestmark = pytest.mark.timeout(300)
 
 BS = 4
 CFG = EngineConfig(block_size=BS, num_blocks=128)
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
 
 
 def run(coro, timeout: float = 90.0):
@@ -143,8 +154,8 @@ def test_settings_the_caches_cannot_serve_are_refused(tiny_folder):
         wants_arena("udp", "prefill")
 
     async def start(engine, arena=None, **kw):
-        server = WorkerServer(engine, WorkerConfig(worker_id="w", model="m", **kw),
-                              kv_arena=arena)
+        server = WorkerServer(engine, WorkerConfig(worker_id="w", model="m", role="prefill",
+                                                   **kw), kv_arena=arena)
         try:
             await server.start()
         finally:
@@ -152,7 +163,7 @@ def test_settings_the_caches_cannot_serve_are_refused(tiny_folder):
 
     mocker = LLMEngine(MockerRunner(384, 512), CFG)
     built = build_torch_engine(str(tiny_folder), CFG)
-    with pytest.raises(ValueError, match="needs the engine's KV caches in a shared-memory arena"):
+    with pytest.raises(ValueError, match="needs a prefill worker's KV caches in a shared-memory"):
         run(start(mocker, kv_transport="shm"))
     with pytest.raises(ValueError, match="cuda-ipc' cannot be used: CUDA IPC"):
         run(start(built.engine, kv_transport="cuda-ipc"))  # caches in host memory
@@ -179,3 +190,49 @@ def test_stale_arenas_of_dead_workers_are_removed():
     finally:
         live.close()
         (SHM_DIR / name).unlink(missing_ok=True)
+
+
+# -- ferry serve, separate processes ----------------------------------------------------------
+
+
+def worker_segments(pid: int) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"{ARENA_PREFIX}*-{pid}-*"))
+
+
+PROMPTS = ["the quick brown fox jumps over the lazy dog " * 3,
+           "hello world, ferry moves prompts between prefill and decode workers " * 2]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_ferry_serve_disaggregated_greedy_equals_aggregated(tiny_folder, transport):
+    built = build_torch_engine(str(tiny_folder), CFG)
+    tok = built.loaded.tokenizer
+    expected = [o.text for o in built.engine.generate([
+        EngineRequest(request_id=f"ref-{i}", prompt_token_ids=tuple(tok.encode(p, True)),
+                      sampling=SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+        for i, p in enumerate(PROMPTS)])]
+    serve = ServeProcess("--model", str(tiny_folder), "--prefill-workers", "1",
+                         "--decode-workers", "1", "--num-blocks", "128", "--block-size", str(BS),
+                         "--max-local-prefill-tokens", "0", "--kv-transport", transport,
+                         env=RAY_ENV)
+    pids = {w["worker_id"]: w["pid"] for w in serve.ready["workers"]}
+    try:
+        client = openai.OpenAI(base_url=serve.http + "/v1", api_key="unused", max_retries=0)
+        got = [client.completions.create(model="tiny-llama", prompt=p, max_tokens=10,
+                                         temperature=0, extra_body={"ignore_eos": True})
+               .choices[0].text for p in PROMPTS]
+        assert got == expected
+        stats = {}
+        for w in serve.ready["workers"]:
+            with grpc.insecure_channel(w["address"]) as ch:
+                stats[w["worker_id"]] = worker_pb2_grpc.WorkerStub(ch).Stats(
+                    worker_pb2.StatsRequest(), timeout=10)
+        assert stats["p0"].kv_transport == transport
+        assert (dict(stats["d0"].kv_pulls), stats["d0"].kv_pulls_failed) == \
+            ({transport: len(PROMPTS)}, 0)
+        assert len(worker_segments(pids["p0"])) == (1 if transport == "shm" else 0)
+        assert worker_segments(pids["d0"]) == []
+    finally:
+        assert serve.stop() == 0
+    assert wait_gone(set(pids.values())) == set()
+    assert [worker_segments(pid) for pid in pids.values()] == [[], []]

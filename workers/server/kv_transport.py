@@ -6,7 +6,7 @@ Settings (``ferry serve --kv-transport``; the default is ``auto``):
 |---|---|---|
 | ``auto`` | ``shm://NAME@host:port`` when its caches live in a shared-memory arena; ``cuda-ipc://NAME@host:port`` when they live on a GPU; ``host:port`` (gRPC) otherwise | what the handle's address names |
 | ``grpc`` | ``host:port`` | always the gRPC stream, whatever the address |
-| ``shm`` | ``shm://NAME@host:port``; the worker refuses to start unless its caches are in an arena | what the handle's address names |
+| ``shm`` | ``shm://NAME@host:port``; a prefill worker refuses to start unless its caches are in an arena (other roles hand out no handles in a deployment: gRPC) | what the handle's address names |
 | ``cuda-ipc`` | ``cuda-ipc://NAME@host:port``; refuses to start unless its caches are on a GPU | what the handle's address names |
 
 A puller given an ``shm://`` or ``cuda-ipc://`` address it cannot open (the holder is on
@@ -105,7 +105,7 @@ class HolderTransport:
 
 
 def holder_transport(setting: str, view: KvCacheView, arena: SharedKvArena | None,
-                     worker_id: str) -> HolderTransport:
+                     worker_id: str, role: str) -> HolderTransport:
     """Decide what the holder advertises (see the module docstring). ``view`` is the engine's
     cache; ``arena``, when given, must hold exactly those caches (ValueError otherwise) and is
     closed by the returned object. A setting the caches cannot serve raises ValueError."""
@@ -117,11 +117,11 @@ def holder_transport(setting: str, view: KvCacheView, arena: SharedKvArena | Non
         return HolderTransport(GRPC, None, close_arena)
     if arena is not None and setting in (AUTO, SHM):
         return HolderTransport(SHM, arena.name, close_arena)
-    if setting == SHM:
+    if setting == SHM and role == "prefill":
         raise ValueError(
-            "kv_transport='shm' needs the engine's KV caches in a shared-memory arena: build "
-            "the engine with build_torch_engine(kv_arena_name=...) and pass kv_arena= to the "
-            "WorkerServer, or use kv_transport='grpc' or 'auto'")
+            "kv_transport='shm' needs a prefill worker's KV caches in a shared-memory arena: "
+            "build the engine with build_torch_engine(kv_arena_name=...) and pass kv_arena= to "
+            "the WorkerServer, or use kv_transport='grpc' or 'auto'")
     on_gpu = view.device.type == "cuda"
     if setting == CUDA_IPC or (setting == AUTO and on_gpu):
         from kvcache.transfer.errors import TransportUnavailable

@@ -244,7 +244,7 @@ class WorkerServer:
         loop = asyncio.get_running_loop()
         try:
             self.holder = holder_transport(cfg.kv_transport, cache_view(self.engine),
-                                           self.kv_arena, cfg.worker_id)
+                                           self.kv_arena, cfg.worker_id, cfg.role.value)
         except BaseException:
             if self.kv_arena is not None:
                 self.kv_arena.close()
