@@ -33,7 +33,9 @@ decode worker):
      ``max_tokens = output_length - 1``: its prefix lookup finds the imported blocks and it
      computes only the partial last block and the first token, then decodes. Its first
      tokens: ``on_decode_started``; the gap from the first token to D's is the first
-     inter-token latency.
+     inter-token latency. (The report also gives ``ttft_at_decode``: the first token
+     counted when the decode worker produces its first, i.e. after the pull: what NVIDIA
+     Dynamo's mocker replay reports as TTFT, which collects tokens on decode workers only.)
 4. P fails the request (it can never fit P's cache): ``on_prefill_failed``, and D prefills it
    locally, as the live frontend's fallback.
 5. The request ends: ``on_finished``.
@@ -84,7 +86,8 @@ _OK = (FinishReason.LENGTH, FinishReason.STOP)
 
 
 class _Req:
-    __slots__ = ("arrival", "cached", "decode", "first", "first_token", "last", "num_out",
+    __slots__ = ("arrival", "cached", "decode", "decode_first", "first", "first_token", "last",
+                 "num_out",
                  "on_prefill", "oracle_blocks", "output_len", "prefill", "rid", "started",
                  "tokens")
 
@@ -104,6 +107,7 @@ class _Req:
         self.num_out = 0
         self.cached = 0  # prompt tokens the worker that computed the prompt had cached
         self.started = False  # remote: the decode worker produced tokens
+        self.decode_first: float | None = None  # remote: when it did
 
 
 class DisaggReplay:
@@ -144,6 +148,7 @@ class DisaggReplay:
         self._heap: list[tuple[float, int, int, object]] = []
         self._pull_seq = 0
         self._pull_s: list[float] = []
+        self._ttft_at_decode: list[float] = []
         self._pulled_blocks = self._skipped_blocks = self._no_room = 0
         self._ran = False
 
@@ -301,7 +306,7 @@ class DisaggReplay:
         n = len(out.new_token_ids)
         if n:
             if req.prefill is not None and not req.started:
-                req.started = True
+                req.started, req.decode_first = True, t
                 self.disagg.on_decode_started(req.rid)
             if req.first is None:
                 self._first_token(req, t, n)
@@ -334,6 +339,8 @@ class DisaggReplay:
             return
         tally.completed += 1
         tally.e2e.append(t - req.arrival)
+        first = req.decode_first if req.decode_first is not None else req.first
+        self._ttft_at_decode.append((first if first is not None else t) - req.arrival)
         tally.prompt_tokens += len(req.tokens)
         tally.cached_tokens += req.cached
         tally.oracle_tokens += req.oracle_blocks * self.config.block_size
@@ -358,6 +365,7 @@ class DisaggReplay:
             skipped_blocks=self._skipped_blocks, no_room=self._no_room,
             transfer_bytes=c.transfer.bytes_of(self._pulled_blocks * c.block_size),
             transfer=LatencySummary.of_seconds(self._pull_s),
+            ttft_at_decode=LatencySummary.of_seconds(self._ttft_at_decode),
             kv_bytes_per_token=c.transfer.bytes_per_token,
             bandwidth_gb_s=c.transfer.bandwidth_gb_s,
             prefill_requests_per_worker={w: self._per_worker[w] for w in pool(False)},

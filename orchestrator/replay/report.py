@@ -27,7 +27,8 @@ Definitions (times in ms of the replay's clock: virtual for offline, wall for on
   back to a local prefill), and the KV pulls: how many, the blocks pulled and the bytes (the
   transfer model's), the handle blocks the decode worker already held (not pulled), pulls
   refused for want of free blocks (the decode worker prefilled instead), and the pull
-  durations.
+  durations; ``ttft_at_decode``: TTFT as if the first token counted only when a decode worker
+  produces a token (after the pull; NVIDIA Dynamo's mocker replay counts it so).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class DisaggSummary:
     no_room: int  # imports refused for want of free blocks (prefilled on the decode worker)
     transfer_bytes: int
     transfer: LatencySummary  # pull durations
+    ttft_at_decode: LatencySummary  # completed requests: arrival to a token from the decode
+    # worker (remote: its first, after the pull; one-token requests and local: the first)
     kv_bytes_per_token: int
     bandwidth_gb_s: float
     prefill_requests_per_worker: dict[str, int] = field(default_factory=dict)
@@ -105,6 +108,8 @@ class DisaggSummary:
                           f"GB/s; {self.skipped_blocks} blocks held already"
                           + (f"; {self.no_room} without room" if self.no_room else ""))),
             ("pull time mean / p99", f"{t.mean_ms:.2f} / {t.p99_ms:.2f} ms"),
+            ("TTFT at decode mean / p99", (f"{self.ttft_at_decode.mean_ms:.1f} / "
+                                           f"{self.ttft_at_decode.p99_ms:.1f} ms")),
             ("requests per prefill worker", _spread(self.prefill_requests_per_worker)),
             ("requests per decode worker", _spread(self.decode_requests_per_worker)),
         ]

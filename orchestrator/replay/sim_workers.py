@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvcache.wire import LoadReport
 from orchestrator.replay.config import ReplayConfig
-from router.types import LoadReport
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine, StepResult
 from workers.mocker.clock import VirtualClock
@@ -83,10 +83,8 @@ class SimWorker:
                 fn(t)
 
     def load_report(self) -> LoadReport:
-        """The engine's load now, as a live worker reports it (router's type)."""
-        r = build_load_report(self.worker_id, self.engine)
-        return LoadReport(r.worker_id, r.timestamp, r.waiting, r.running, r.kv_blocks_used,
-                          r.kv_blocks_total, r.active_prefill_tokens, r.active_decode_blocks)
+        """The engine's load now, as a live worker reports it."""
+        return build_load_report(self.worker_id, self.engine)
 
     def check_drained(self) -> None:
         """Raise RuntimeError unless nothing is left on it: no request, no hold (pin or

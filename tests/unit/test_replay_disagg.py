@@ -51,6 +51,7 @@ def test_a_remote_prefill_takes_the_modelled_times():
     assert d is not None and (d.remote, d.local, d.pulls, d.pulled_blocks, d.skipped_blocks,
                               d.no_room) == (1, 0, 1, 6, 0, 0)
     assert d.transfer_bytes == 96 * 1_000_000 and d.transfer.mean_ms == pytest.approx(100.0)
+    assert d.ttft_at_decode.mean_ms == pytest.approx(prefill + 100.0 + tail)  # D's first token
     assert d.decisions["long_prefill"] == 1
     assert (d.prefill_requests_per_worker, d.decode_requests_per_worker) == (
         {"prefill-0": 1}, {"decode-0": 1})
@@ -78,6 +79,7 @@ def test_one_output_token_ends_on_the_prefill_worker():
     assert report.ttft.mean_ms == pytest.approx(T.prefill_ms(100))
     assert report.e2e.mean_ms == pytest.approx(T.prefill_ms(100))
     assert (report.completed, report.output_tokens, report.disagg.pulls) == (1, 1, 0)
+    assert report.disagg.ttft_at_decode.mean_ms == pytest.approx(T.prefill_ms(100))
     assert replay.workers["decode-0"].engine.kv.pool.num_cached == 0
     drained(replay)
 
