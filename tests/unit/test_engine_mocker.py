@@ -169,6 +169,16 @@ def test_stats_during_a_run():
     assert st.num_preemptions == 0 and st.prefix_hit_rate == 0.0
 
 
+def test_waiting_requests_count_only_their_uncached_prompt_tokens():
+    eng = engine()  # block size 4
+    run_once = eng.generate([req("first", range(1, 11), max_tokens=1)])
+    assert run_once[0].finish_reason is not None  # blocks [1..4], [5..8] now cached
+    eng.add_request(req("same-prefix", list(range(1, 9)) + [50, 51, 52], max_tokens=1))
+    eng.add_request(req("new", range(60, 65), max_tokens=1))
+    # 11 - 8 cached + 5 uncached; a whole-prompt count would say 16
+    assert eng.stats().num_active_prefill_tokens == 3 + 5
+
+
 # ---------------------------------------------------------------- validation
 
 

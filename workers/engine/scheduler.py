@@ -66,6 +66,7 @@ class SchedRequest:
     __slots__ = (
         "all_token_ids",
         "arrival_time",
+        "cached_estimate",
         "error",
         "finish_reason",
         "first_token_time",
@@ -99,6 +100,9 @@ class SchedRequest:
         self.num_preemptions = 0
         self.pin_prompt = request.pin_prompt
         self.pinned: PinnedBlocks | None = None  # set at finish when pin_prompt
+        # prompt tokens the prefix cache held when it (re)entered the waiting queue: what its
+        # prefill will likely skip (an estimate for load reports; the cache may change)
+        self.cached_estimate = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -164,6 +168,8 @@ class Scheduler:
         req = SchedRequest(request, arrival_time, self._next_order)
         self._next_order += 1
         self._requests[req.request_id] = req
+        req.cached_estimate = self.kv.get_computed_prefix(req.request_id,
+                                                          req.all_token_ids).num_tokens
         self._waiting.append(req)
         return req
 
@@ -201,8 +207,9 @@ class Scheduler:
         return [r.request_id for r in self._running]
 
     def num_active_prefill_tokens(self) -> int:
-        """Tokens still to prefill: whole sequences of waiting requests, rest of running ones."""
-        n = sum(len(r.all_token_ids) for r in self._waiting)
+        """Tokens still to prefill: waiting requests' sequences less the prefix the cache held
+        when they were queued, and the rest of running ones."""
+        n = sum(len(r.all_token_ids) - r.cached_estimate for r in self._waiting)
         n += sum(len(r.all_token_ids) - r.num_computed_tokens
                  for r in self._running if not r.prefill_done)
         return n
@@ -377,6 +384,8 @@ class Scheduler:
         req.prefill_done = False
         req.num_preemptions += 1
         self.num_preemptions += 1
+        req.cached_estimate = self.kv.get_computed_prefix(req.request_id,
+                                                          req.all_token_ids).num_tokens
         self._waiting.appendleft(req)
 
     def _finish(self, req: SchedRequest, reason: FinishReason, error: str | None = None) -> None:
