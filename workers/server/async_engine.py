@@ -58,7 +58,6 @@ a value in the stream, never a hung consumer.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -68,6 +67,15 @@ from typing import Any, TypeVar
 
 from workers.engine.engine import EngineStats, LLMEngine, StepResult
 from workers.engine.types import EngineRequest, FinishReason, RequestOutput
+from workers.server.engine_streams import (
+    CallbackSink,
+    Inbox,
+    Outbox,
+    RequestStream,
+    Sink,
+    Submission,
+    merge_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,252 +113,6 @@ def _check_interval(value: object) -> None:
         raise ValueError(f"min_interval_s must be a number of seconds >= 0, got {value!r}")
 
 
-def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
-    """One delta with the tokens and text of ``outs``, the rest (and type) of the newest."""
-    if len(outs) == 1:
-        return outs[0]
-    last = outs[-1]
-    tokens = tuple(t for o in outs for t in o.new_token_ids)
-    text = "".join(o.new_text for o in outs)
-    return dataclasses.replace(last, new_token_ids=tokens, new_text=text)
-
-
-class _Sink:
-    """Where the engine thread routes one request's outputs (the engine-side half of a stream).
-
-    The engine thread holds sinks, never :class:`RequestStream` objects, so a stream its
-    consumer dropped is garbage at once and its ``__del__`` aborts the request.
-    """
-
-    __slots__ = ("hold_until", "interval", "last", "loop", "num_prompt_tokens", "pending",
-                 "request_id", "timer", "waiter")
-
-    def __init__(self, request: EngineRequest, loop: asyncio.AbstractEventLoop,
-                 interval: float = 0.0) -> None:
-        self.request_id = request.request_id
-        self.loop = loop
-        self.num_prompt_tokens = len(request.prompt_token_ids)
-        self.pending: list[Any] = []  # RequestOutput deltas, or one exception (loop thread)
-        self.waiter: asyncio.Future | None = None  # the consumer waits on it (loop thread)
-        self.last: RequestOutput | None = None  # newest routed output (engine thread)
-        self.interval = interval  # min_interval_s of the stream (loop thread from here on)
-        self.hold_until = 0.0  # loop.time() before which a non-final delta is held back
-        self.timer: asyncio.TimerHandle | None = None  # wakes the waiter at hold_until
-
-    def held(self) -> bool:
-        """Pending deltas exist but must wait for ``hold_until`` (none of them is the last)."""
-        last = self.pending[-1]
-        return (self.hold_until > 0.0 and not isinstance(last, BaseException)
-                and not last.finished and self.loop.time() < self.hold_until)
-
-    def push(self, item: Any) -> None:  # loop thread
-        self.pending.append(item)
-        if self.waiter is None:
-            return
-        if self.hold_until > 0.0 and self.held():
-            if self.timer is None:
-                self.timer = self.loop.call_at(self.hold_until, self.wake)
-            return
-        self.wake()
-
-    def wake(self) -> None:  # loop thread
-        timer, self.timer = self.timer, None
-        if timer is not None:
-            timer.cancel()
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-
-class _CallbackSink(_Sink):
-    """A sink that hands each item to a callback (:meth:`AsyncEngine.submit`); paced on the
-    engine thread (``held``, ``due``: engine thread only)."""
-
-    __slots__ = ("callback", "due", "held")
-
-    def __init__(self, request: EngineRequest, loop: asyncio.AbstractEventLoop,
-                 callback: Callable[[Any], None], interval: float = 0.0) -> None:
-        super().__init__(request, loop, interval)
-        self.callback: Callable[[Any], None] | None = callback  # None once cancelled
-        self.held: list[RequestOutput] = []  # deltas held back by pacing (engine thread)
-        self.due = 0.0  # time.monotonic() from which the next delta may go (engine thread)
-
-    def push(self, item: Any) -> None:  # loop thread
-        callback = self.callback
-        if callback is not None:
-            if isinstance(item, BaseException) or item.finished:
-                self.callback = None  # the last item: the request is over
-            callback(item)
-
-
-class Submission:
-    """A request given to :meth:`AsyncEngine.submit`; :meth:`cancel` aborts it."""
-
-    __slots__ = ("_aeng", "_sink")
-
-    def __init__(self, aeng: AsyncEngine, sink: _CallbackSink) -> None:
-        self._aeng = aeng
-        self._sink = sink
-
-    @property
-    def request_id(self) -> str:
-        return self._sink.request_id
-
-    @property
-    def done(self) -> bool:
-        """The last item was delivered, or the request was cancelled."""
-        return self._sink.callback is None
-
-    def cancel(self) -> None:
-        """Abort the request unless it already ended; nothing is delivered after this."""
-        sink = self._sink
-        if sink.callback is not None:
-            sink.callback = None
-            self._aeng._submit(("abort", sink.request_id, sink, None))
-
-
-class RequestStream:
-    """The outputs of one request, as an async iterator (see the module docstring)."""
-
-    __slots__ = ("_aeng", "_closed", "_sink", "request")
-
-    def __init__(self, aeng: AsyncEngine, request: EngineRequest, sink: _Sink) -> None:
-        self._aeng = aeng
-        self._sink = sink
-        self._closed = False  # finished, failed or cancelled: no abort needed any more
-        self.request = request
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        sink = self._sink
-        while not sink.pending or (sink.hold_until > 0.0 and sink.held()):
-            if not sink.pending and self._closed:
-                raise StopAsyncIteration
-            waiter = sink.loop.create_future()
-            sink.waiter = waiter
-            if sink.pending and sink.timer is None:  # held: wake up when the hold ends
-                sink.timer = sink.loop.call_at(sink.hold_until, sink.wake)
-            try:
-                await waiter
-            except BaseException:  # cancelled consumer (client gone): free the request
-                sink.waiter = None
-                if sink.timer is not None:
-                    sink.timer.cancel()
-                    sink.timer = None
-                self.cancel()
-                raise
-        if sink.interval:
-            sink.hold_until = sink.loop.time() + sink.interval
-        items = sink.pending
-        sink.pending = []
-        first = items[0]
-        if isinstance(first, BaseException):
-            self._closed = True
-            raise first
-        out = merge_outputs(items)
-        if out.finished:
-            self._closed = True
-        return out
-
-    def cancel(self) -> None:
-        """Abort the request unless it already ended; no output is delivered after this."""
-        if not self._closed:
-            self._closed = True
-            self._aeng._submit(("abort", self._sink.request_id, self._sink, None))
-
-    async def aclose(self) -> None:
-        self.cancel()
-
-    def __del__(self) -> None:
-        if not self._closed:
-            try:
-                self.cancel()
-            except Exception as exc:  # noqa: BLE001 - interpreter shutdown
-                log.debug("could not abort dropped stream %r: %s", self.request_id, exc)
-
-
-class _Inbox:
-    """Results waiting for one event loop. At most one drain callback is scheduled at a time:
-    while the loop lags, the engine thread's later iterations join the pending drain instead of
-    costing another wakeup."""
-
-    __slots__ = ("lock", "loop", "pushes", "replies", "scheduled")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.lock = threading.Lock()
-        self.pushes: list[tuple[_Sink, Any]] = []
-        self.replies: list[tuple[asyncio.Future, Any, BaseException | None]] = []
-        self.scheduled = False
-
-    def post(self, pushes: list, replies: list) -> bool:  # engine thread
-        """Queue results for the loop; False when the loop is closed (its consumers are gone)."""
-        with self.lock:
-            self.pushes.extend(pushes)
-            self.replies.extend(replies)
-            if self.scheduled:
-                return True
-            self.scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self.drain)
-        except RuntimeError:
-            return False
-        return True
-
-    def drain(self) -> None:  # loop thread
-        with self.lock:
-            pushes, self.pushes = self.pushes, []
-            replies, self.replies = self.replies, []
-            self.scheduled = False
-        for sink, item in pushes:
-            sink.push(item)
-        for fut, value, exc in replies:
-            if not fut.done():
-                if exc is not None:
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(value)
-
-
-class _Outbox:
-    """What one engine-thread iteration delivers, grouped by event loop."""
-
-    __slots__ = ("by_loop",)
-
-    def __init__(self) -> None:
-        self.by_loop: dict[asyncio.AbstractEventLoop, tuple[list, list]] = {}
-
-    def _lists(self, loop: asyncio.AbstractEventLoop) -> tuple[list, list]:
-        lists = self.by_loop.get(loop)
-        if lists is None:
-            lists = self.by_loop[loop] = ([], [])
-        return lists
-
-    def push(self, sink: _Sink, item: Any) -> None:
-        self._lists(sink.loop)[0].append((sink, item))
-
-    def reply(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any,
-              exc: BaseException | None = None) -> None:
-        self._lists(loop)[1].append((fut, value, exc))
-
-    def flush(self, inboxes: dict[asyncio.AbstractEventLoop, _Inbox]) -> None:
-        for loop, (pushes, replies) in self.by_loop.items():
-            inbox = inboxes.get(loop)
-            if inbox is None:
-                inbox = inboxes[loop] = _Inbox(loop)
-            if not inbox.post(pushes, replies):
-                del inboxes[loop]
-        self.by_loop = {}
-
-
 class AsyncEngine:
     """Steps one LLMEngine on a dedicated thread and streams outputs to asyncio callers."""
 
@@ -364,9 +126,9 @@ class AsyncEngine:
         self._commands: list[tuple] = []
         self._closing = False
         self._closed = False
-        self._sinks: dict[str, _Sink] = {}  # attached requests (engine thread only)
-        self._held: list[_CallbackSink] = []  # sinks with paced deltas held (engine thread)
-        self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}  # engine thread only
+        self._sinks: dict[str, Sink] = {}  # attached requests (engine thread only)
+        self._held: list[CallbackSink] = []  # sinks with paced deltas held (engine thread)
+        self._inboxes: dict[asyncio.AbstractEventLoop, Inbox] = {}  # engine thread only
         self._stats: EngineStats = engine.stats()
         self._failures = 0
         self._thread = threading.Thread(target=self._run, name="ferry-engine", daemon=True)
@@ -380,7 +142,7 @@ class AsyncEngine:
         if not isinstance(request, EngineRequest):
             raise TypeError(f"generate takes an EngineRequest, got {type(request).__name__}")
         _check_interval(min_interval_s)
-        sink = _Sink(request, asyncio.get_running_loop(), float(min_interval_s))
+        sink = Sink(request, asyncio.get_running_loop(), float(min_interval_s))
         if not self._submit(("add", sink, request)):
             sink.push(_failure(sink.request_id, sink.num_prompt_tokens, None, SHUTDOWN_MESSAGE,
                                "shutdown"))
@@ -393,7 +155,7 @@ class AsyncEngine:
         if not isinstance(request, EngineRequest):
             raise TypeError(f"submit takes an EngineRequest, got {type(request).__name__}")
         _check_interval(min_interval_s)
-        sink = _CallbackSink(request, asyncio.get_running_loop(), on_output,
+        sink = CallbackSink(request, asyncio.get_running_loop(), on_output,
                              float(min_interval_s))
         if not self._submit(("add", sink, request)):
             failure = _failure(sink.request_id, sink.num_prompt_tokens, None, SHUTDOWN_MESSAGE,
@@ -454,7 +216,7 @@ class AsyncEngine:
             with self._cond:
                 self._closing = True
                 late, self._commands = self._commands, []
-            out = _Outbox()
+            out = Outbox()
             try:
                 self._fail_all("the worker's engine thread crashed (see the worker log)",
                                "internal", out)
@@ -477,7 +239,7 @@ class AsyncEngine:
                 cmds = self._commands
                 self._commands = []
                 closing = self._closing  # once set, _submit queues nothing more
-            out = _Outbox()
+            out = Outbox()
             for cmd in cmds:
                 self._apply(cmd, out, closing)
             if closing:
@@ -491,7 +253,7 @@ class AsyncEngine:
             has_work = engine.has_unfinished()
             out.flush(self._inboxes)
 
-    def _step(self, out: _Outbox) -> None:
+    def _step(self, out: Outbox) -> None:
         try:
             result = self.engine.step()
         except Exception as exc:  # any failure must reach the clients
@@ -521,7 +283,7 @@ class AsyncEngine:
             sink.last = o
             if o.finished:
                 del sinks[o.request_id]
-            if type(sink) is _CallbackSink and sink.interval:  # paced here
+            if type(sink) is CallbackSink and sink.interval:  # paced here
                 now = now or time.monotonic()
                 if not o.finished and now < sink.due:
                     if not sink.held:
@@ -535,7 +297,7 @@ class AsyncEngine:
                 sink.due = now + sink.interval
             out.push(sink, o)
 
-    def _release_due(self, out: _Outbox) -> None:
+    def _release_due(self, out: Outbox) -> None:
         """Send the held deltas whose time has come (paced callback sinks)."""
         now = time.monotonic()
         keep = []
@@ -553,7 +315,7 @@ class AsyncEngine:
             sink.due = now + sink.interval
         self._held = keep
 
-    def _apply(self, cmd: tuple, out: _Outbox, closing: bool) -> None:
+    def _apply(self, cmd: tuple, out: Outbox, closing: bool) -> None:
         kind = cmd[0]
         if kind == "add":
             _, sink, request = cmd
@@ -594,12 +356,12 @@ class AsyncEngine:
         else:  # pragma: no cover - internal
             raise AssertionError(f"unknown command {kind!r}")
 
-    def _fail_all(self, message: str, code: str, out: _Outbox) -> None:
+    def _fail_all(self, message: str, code: str, out: Outbox) -> None:
         """End every attached stream with an error and free the engine's copies."""
         sinks, self._sinks = self._sinks, {}
         self._held = []
         for rid, sink in sinks.items():
-            if type(sink) is _CallbackSink and sink.held:  # tokens made before the failure
+            if type(sink) is CallbackSink and sink.held:  # tokens made before the failure
                 out.push(sink, merge_outputs(sink.held))
                 sink.held = []
             out.push(sink, _failure(rid, sink.num_prompt_tokens, sink.last, message, code))
