@@ -38,7 +38,7 @@ from nats.js.client import JetStreamContext
 
 from kvcache.events import KvEventBatch
 from kvcache.wire import LoadReport, decode_kv_batch, decode_load_report
-from workers.server.event_publisher import (
+from workers.server.nats_link import (
     DEFAULT_BACKOFF,
     KV_STREAM,
     KV_SUBJECT_PREFIX,

@@ -31,7 +31,7 @@ Wire form: a compact JSON array ``[replica_id, kind, request_id, worker_id, pref
 not decode is logged and skipped.
 
 :class:`PeerLink` is this replica's end: one NATS connection (kept up by
-:class:`workers.server.event_publisher.NatsLink`), a subscription to the subject (and to the
+:class:`workers.server.nats_link.NatsLink`), a subscription to the subject (and to the
 workers' load reports when asked: the ``approx`` mode takes no KV events, so it has no
 EventSubscriber), and a sender task: :meth:`PeerLink.publish` never waits for NATS; while the
 connection is down, messages wait in a bounded queue (oldest dropped first). Callbacks run on
@@ -56,7 +56,7 @@ from nats.aio.msg import Msg
 
 from kvcache.wire import LoadReport, decode_load_report
 from router.load import LoadView
-from workers.server.event_publisher import DEFAULT_BACKOFF, LOAD_SUBJECTS, Backoff, NatsLink
+from workers.server.nats_link import DEFAULT_BACKOFF, LOAD_SUBJECTS, Backoff, NatsLink
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class InflightUpdate:
                 raise ValueError(f"InflightUpdate.{name} must be a non-empty string, got "
                                  f"{value!r}")
         if not isinstance(self.worker_id, str):
-            raise ValueError(f"InflightUpdate.worker_id must be a string, got "
+            raise TypeError(f"InflightUpdate.worker_id must be a string, got "
                              f"{self.worker_id!r}")
         if self.kind is InflightKind.ROUTED and not self.worker_id:
             raise ValueError("a 'routed' InflightUpdate must name its worker_id")

@@ -42,7 +42,7 @@ from kvcache.wire import LoadReport
 from orchestrator.event_subscriber import EventSubscriber
 from router.router import Router
 from router.types import ApplyStatus
-from workers.server.event_publisher import DEFAULT_BACKOFF, Backoff
+from workers.server.nats_link import DEFAULT_BACKOFF, Backoff
 
 logger = logging.getLogger(__name__)
 

@@ -49,12 +49,12 @@ class RoutingCollector(Collector):
              s.kv_batches_applied),
             ("ferry_router_kv_gaps", "Gaps in a worker's KV events (repaired by replay)",
              s.gaps),
-            ("ferry_router_kv_resyncs", "Workers cleared in the index because missing KV "
-             "events were no longer in the stream", s.resyncs),
-            ("ferry_router_peer_inflight_updates", "In-flight updates applied from other "
-             "router replicas", s.peer_updates),
-            ("ferry_router_fallback_picks", "Requests sent to a worker other than the "
-             "router's choice (it was not a candidate)", s.fallbacks),
+            ("ferry_router_kv_resyncs", ("Workers cleared in the index because missing KV "
+             "events were no longer in the stream"), s.resyncs),
+            ("ferry_router_peer_inflight_updates", ("In-flight updates applied from other "
+             "router replicas"), s.peer_updates),
+            ("ferry_router_fallback_picks", ("Requests sent to a worker other than the "
+             "router's choice (it was not a candidate)"), s.fallbacks),
         ):
             yield CounterMetricFamily(name, doc, value=value)
 

@@ -69,7 +69,7 @@ from router.disagg import DisaggReason, DisaggRouter, LoadChange, PoolRole
 from router.router import Router, make_router
 from router.types import RouteRequest as RouterRouteRequest
 from router.types import RouterStats, WorkerInfo
-from workers.server.event_publisher import DEFAULT_BACKOFF, KV_STREAM, Backoff, kv_subject
+from workers.server.nats_link import DEFAULT_BACKOFF, KV_STREAM, Backoff, kv_subject
 
 logger = logging.getLogger(__name__)
 

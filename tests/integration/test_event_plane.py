@@ -17,7 +17,8 @@ from kvcache.wire import LoadReport
 from orchestrator.event_subscriber import EventSubscriber
 from orchestrator.nats_server import NatsServer, NatsServerError
 from tests.integration.conftest import child_nats_pids, pid_alive
-from workers.server.event_publisher import Backoff, EventPublisher, ensure_kv_stream
+from workers.server.event_publisher import EventPublisher
+from workers.server.nats_link import Backoff, ensure_kv_stream
 
 FAST = Backoff(initial=0.02, maximum=0.2)
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from typing import Self
 
 import grpc
 import pytest
@@ -89,7 +90,7 @@ class Cluster:
         self.servers: dict[str, WorkerServer] = {}
         self.addresses: dict[str, str] = {}
 
-    async def __aenter__(self) -> Cluster:
+    async def __aenter__(self) -> Self:
         for wid in self.ids:
             engine = LLMEngine(MockerRunner(VOCAB, 2048, timing=self.timing, clock=WallClock()),
                                self.engine_config)
@@ -123,7 +124,7 @@ class Replica:
         self.service.attach(self.frontend)
         self.started_at = 0.0
 
-    async def __aenter__(self) -> Replica:
+    async def __aenter__(self) -> Self:
         self.started_at = time.monotonic()
         for wid, address in self.cluster.addresses.items():
             await self.frontend.add_worker(wid, address)
@@ -365,11 +366,11 @@ def test_a_restarted_replica_rebuilds_its_index_from_jetstream_and_routes_the_sa
 
 @pytest.mark.parametrize(("engine", "message"), [
     (EngineConfig(block_size=BS, num_blocks=64, hash_seed=7),
-     "worker 'odd-seed' uses hash seed 7 but this router uses 0; start both with the same "
-     "--hash-seed"),
+     ("worker 'odd-seed' uses hash seed 7 but this router uses 0; start both with the same "
+     "--hash-seed")),
     (EngineConfig(block_size=8, num_blocks=64),
-     "worker 'odd-size' uses block_size=8 but this router uses block_size=4; start both with "
-     "the same --block-size"),
+     ("worker 'odd-size' uses block_size=8 but this router uses block_size=4; start both with "
+     "the same --block-size")),
 ])
 def test_a_worker_with_another_hash_layout_is_refused(nats_server, tokenizer, model_folder, engine,
                                                      message):
