@@ -11,6 +11,7 @@ import pytest
 from orchestrator.replay.config import ReplayConfig
 from orchestrator.replay.disagg import DisaggReplay
 from orchestrator.replay.simulator import OfflineReplay, replay_offline
+from orchestrator.replay.trace_file import load_trace
 from orchestrator.replay.transfer import KvTransferModel
 from router.disagg import DisaggConfig
 from router.trace import TraceRequest
@@ -197,3 +198,20 @@ def test_transfer_model_default_is_llama3_8b_at_64_gb_s():
     m = KvTransferModel()
     assert m.bytes_per_token == 2 * 32 * 8 * 128 * 2
     assert m.seconds(512) == pytest.approx(512 * 131072 / 64e9)
+
+
+def test_a_trace_slice_kv_reaches_the_oracle_round_robin_does_not():
+    # the 155 requests of at most 10,000 prompt tokens of tests/data's 300-line slice (light
+    # load): kv serves every prefix an infinite shared cache would, round robin less
+    path = Path(__file__).resolve().parents[1] / "data" / "synthetic_trace_300.jsonl"
+    small = [r for r in load_trace(path) if r.input_length <= 10_000]
+    cached = {}
+    for router in ("kv", "round_robin"):
+        replay = DisaggReplay(ReplayConfig(trace=path, router=router, prefill_workers=2,
+                                           decode_workers=2), small)
+        report = replay.run()
+        assert (report.completed, report.failed, report.oracle_hit_tokens) == (155, 0, 22464)
+        assert report.disagg.remote + report.disagg.local == 155
+        cached[router] = report.cached_tokens
+        drained(replay)
+    assert cached == {"kv": 22464, "round_robin": 19840}
