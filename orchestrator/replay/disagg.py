@@ -87,9 +87,8 @@ _OK = (FinishReason.LENGTH, FinishReason.STOP)
 
 class _Req:
     __slots__ = ("arrival", "cached", "decode", "decode_first", "first", "first_token", "last",
-                 "num_out",
-                 "on_prefill", "oracle_blocks", "output_len", "prefill", "rid", "started",
-                 "tokens")
+                 "num_out", "on_prefill", "oracle_blocks", "output_len", "prefill", "rid",
+                 "started", "tokens")
 
     def __init__(self, rid: str, arrival: float, tokens: tuple[int, ...], output_len: int,
                  oracle_blocks: int, decode: str, prefill: str | None) -> None:
