@@ -6,6 +6,9 @@ Each worker is an :class:`~workers.engine.engine.LLMEngine` over a
 :class:`~workers.mocker.clock.VirtualClock`; prefix caching is on and the block hashes use
 the router's seed and block size. The engines have no tokenizer, hence no EOS: every request
 runs to ``max_tokens = output_length`` (at least 1: a request always yields its first token).
+Each worker is a :class:`~orchestrator.replay.sim_workers.SimWorker`; a disaggregated config
+(prefill and decode workers) is replayed by :mod:`orchestrator.replay.disagg` instead
+(:func:`replay_offline` picks it).
 
 Events, in virtual time ``t`` (seconds), kept in a heap of step completions plus the sorted
 arrivals:
@@ -240,7 +243,9 @@ class OfflineReplay:
 
 def replay_offline(config: ReplayConfig, requests: Sequence[TraceRequest] | None = None
                    ) -> ReplayReport:
-    """Replay ``requests`` (default: the first ``config.limit`` of ``config.trace``)."""
+    """Replay ``requests`` (default: the first ``config.limit`` of ``config.trace``), with
+    :class:`OfflineReplay`, or :class:`~orchestrator.replay.disagg.DisaggReplay` when the
+    config is disaggregated."""
     if requests is None:
         from orchestrator.replay.trace_file import load_trace
 
