@@ -8,7 +8,12 @@ process plays the decode worker, with its own KV caches. Interleaved, ``--reps``
   layout into the destination caches, one ``copy_`` per layer): the reference rate;
 - shm:  ``kvcache.transfer.pull`` of a handle on the holder's blocks over ``shm://`` (one copy
   out of the holder's segment, then ReleaseHandle over gRPC);
-- grpc: the same pull over the gRPC stream (chunks of one block, crc32-checked both sides).
+- grpc: the same pull over the gRPC stream (chunks of one block, crc32-checked both sides);
+- tcp:  not a Ferry transport but its ceiling: the same bytes over one plain loopback TCP
+  connection (kept open), sent straight from the holder's cache memory (``sendmsg`` of the
+  block's pieces) and received straight into the destination blocks (``recv_into``): one
+  kernel copy on each side, no framing, no checksum. Any TCP-based transport, gRPC included,
+  stays below it; on a small machine it is itself far below a memory copy.
 
 A first pull of each kind is a warm-up, not counted (it opens the gRPC channel and maps the
 segment: a decode worker keeps both for later pulls). Pull times are wall time around
@@ -18,7 +23,7 @@ ratio to the copy, and the CPU seconds each side spent per GB moved (less sensit
 time to other load on the machine). Both processes call ``kvcache.transfer.tuning.tune_malloc``
 as a worker does. Targets (issue 5): shm >= 50 % of the copy rate, gRPC >= 20 %.
 
-Run: .venv/bin/python benchmarks/kv_transfer.py [--sizes 64M,1G] [--reps 5]
+Run: .venv/bin/python benchmarks/kv_transfer.py [--sizes 64M,1G] [--reps 5] [--pulls shm,grpc,tcp]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import multiprocessing
 import os
 import queue
 import resource
+import socket
 import statistics
 import time
 import uuid
@@ -39,7 +45,6 @@ import torch
 
 from kvcache.transfer.chunk_codec import CRC32_IMPL, crc32
 from kvcache.transfer.grpc_transport import close_channels
-from kvcache.transfer.handles import KvHandleInfo
 from kvcache.transfer.layout import KvCacheView, KvLayout
 from kvcache.transfer.puller import pull
 from kvcache.transfer.shm import detach_all
@@ -92,8 +97,10 @@ def holder_main(layout_dict: dict, name: str, commands, replies) -> None:
         await server.start()
         grpc_address = f"127.0.0.1:{port}"
         block_ids = list(range(layout.num_blocks))
-        replies.put(("ready", blocks_crc(arena.view, block_ids)))
+        listener = socket.create_server(("127.0.0.1", 0))
+        replies.put(("ready", blocks_crc(arena.view, block_ids), listener.getsockname()[1]))
         loop = asyncio.get_running_loop()
+        conn = None
         while True:
             command = await loop.run_in_executor(None, commands.get)
             if command == "stop":
@@ -101,17 +108,51 @@ def holder_main(layout_dict: dict, name: str, commands, replies) -> None:
             if command == "cpu":
                 replies.put(cpu_seconds())
                 continue
+            if command == "tcp":
+                replies.put("tcp")
+                if conn is None:
+                    conn = (await loop.run_in_executor(None, listener.accept))[0]
+                await loop.run_in_executor(None, tcp_send, conn, arena.view, block_ids)
+                continue
             address = grpc_address if command == "grpc" else arena.address(grpc_address)
             tokens = layout.num_blocks * layout.block_size
             info = registry.create(block_ids, list(range(layout.num_blocks)), tokens,
                                    layout.block_size, "prefill-0", address)
             replies.put(info)
+        if conn is not None:
+            conn.close()
+        listener.close()
         await server.stop(0)
         servicer.close()
         arena.close()
         replies.put("closed")
 
     asyncio.run(main())
+
+
+def tcp_send(conn: socket.socket, view: KvCacheView, block_ids) -> None:
+    for b in block_ids:
+        pieces = view.block_pieces(b, 0, view.layout.num_layers)
+        sent, total = conn.sendmsg(pieces), sum(p.nbytes for p in pieces)
+        if sent < total:  # the rest, from where sendmsg stopped
+            conn.sendall(b"".join(memoryview(p).cast("B") for p in pieces)[sent:])
+
+
+def tcp_receive(conn: socket.socket, view: KvCacheView, block_ids) -> None:
+    """Scatter each block's bytes straight into its pieces (one recvmsg_into per read)."""
+    for b in block_ids:
+        targets = [memoryview(p).cast("B") for p in
+                   view.block_pieces(b, 0, view.layout.num_layers)]
+        while targets:
+            n = conn.recvmsg_into(targets)[0]
+            if not n:
+                raise ConnectionError("the holder closed the TCP connection")
+            while n:  # drop what this read filled
+                take = min(n, targets[0].nbytes)
+                n -= take
+                targets[0] = targets[0][take:]
+                if not targets[0].nbytes:
+                    targets.pop(0)
 
 
 def local_copy(src: list[torch.Tensor], dst: list[torch.Tensor]) -> float:
@@ -133,14 +174,15 @@ def run_size(nbytes: int, reps: int, args) -> list[tuple[str, list[float]]]:
                        daemon=True)
     proc.start()
     try:
-        state, expected_crc = replies.get(timeout=600)
+        state, expected_crc, tcp_port = replies.get(timeout=600)
         assert state == "ready"
+        tcp_conn: socket.socket | None = None
         dest = KvCacheView([torch.zeros(layout.layer_shape, dtype=torch.float16)
                             for _ in range(layout.num_layers)], layout.block_size)
         local = [torch.ones(layout.layer_shape, dtype=torch.float16)
                  for _ in range(layout.num_layers)]
         block_ids = list(range(num_blocks))
-        times: dict[str, list[float]] = {"copy": [], "shm": [], "grpc": []}
+        times: dict[str, list[float]] = {"copy": [], "shm": [], "grpc": [], "tcp": []}
         cpu: dict[str, list[float]] = {k: [0.0, 0.0] for k in times}  # [decode, prefill] s
 
         def holder_cpu() -> float:
@@ -148,16 +190,22 @@ def run_size(nbytes: int, reps: int, args) -> list[tuple[str, list[float]]]:
             return replies.get(timeout=60)
 
         async def one_pull(kind: str) -> float:
+            nonlocal tcp_conn
             dest.caches[0].numpy().fill(0)  # a real change between pulls, checked below
-            commands.put(kind)
-            info: KvHandleInfo = replies.get(timeout=60)
+            if kind == "tcp" and tcp_conn is None:
+                tcp_conn = socket.create_connection(("127.0.0.1", tcp_port))
             prefill_cpu, decode_cpu = holder_cpu(), cpu_seconds()
+            commands.put(kind)
+            info = replies.get(timeout=60)
             started = time.perf_counter()
-            result = await pull(info, dest, block_ids, timeout_s=600)
+            if kind == "tcp":
+                tcp_receive(tcp_conn, dest, block_ids)
+            else:
+                result = await pull(info, dest, block_ids, timeout_s=600)
+                assert result.transport == kind and result.released, result
             seconds = time.perf_counter() - started
             cpu[kind][0] += cpu_seconds() - decode_cpu
             cpu[kind][1] += holder_cpu() - prefill_cpu
-            assert result.transport == kind and result.released, result
             got = blocks_crc(dest, block_ids)
             assert got == expected_crc, f"{kind} pull delivered different bytes"
             return seconds
@@ -174,7 +222,11 @@ def run_size(nbytes: int, reps: int, args) -> list[tuple[str, list[float]]]:
                     times[kind].append(await one_pull(kind))
             await close_channels()
 
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        finally:
+            if tcp_conn is not None:
+                tcp_conn.close()
         gb = layout.block_nbytes * num_blocks / 1e9
         return [(kind, [gb / t for t in ts], [c / (gb * reps) for c in cpu[kind]])
                 for kind, ts in times.items() if ts]
@@ -198,11 +250,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8, help="KV heads")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--pulls", default="shm,grpc", help="transports to measure")
+    parser.add_argument("--pulls", default="shm,grpc,tcp",
+                        help="what to measure: shm, grpc, tcp (the plain TCP ceiling)")
     args = parser.parse_args()
     args.pulls = [p for p in args.pulls.split(",") if p]
-    if not set(args.pulls) <= {"shm", "grpc"}:
-        parser.error("--pulls takes shm and/or grpc")
+    if not set(args.pulls) <= {"shm", "grpc", "tcp"}:
+        parser.error("--pulls takes shm, grpc and/or tcp")
     per_block = args.layers * 2 * args.block_size * args.heads * args.head_dim * 2
     print(f"KV layout: {args.layers} layers x {args.heads} KV heads x {args.head_dim} dims, "
           f"float16, {args.block_size} tokens per block ({per_block / MiB:.2f} MiB per block); "

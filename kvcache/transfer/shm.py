@@ -203,6 +203,9 @@ def attach(name: str) -> KvCacheView:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise SegmentNotFound(f"no shared-memory KV segment {path} on this host") from None
+        except PermissionError:  # another user's worker (mode 0600): gRPC still reaches it
+            raise TransportUnavailable(
+                f"shared-memory KV segment {path} is not readable by this user") from None
         try:
             size = os.fstat(fd).st_size
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
