@@ -3,7 +3,8 @@ KV cache, one memory copy and no serialization.
 
 Holder (prefill worker), when shared-memory transport is on:
 - builds its KV caches with :meth:`SharedKvArena.create` instead of ``torch.zeros``: one
-  ``/dev/shm/NAME`` file (mode 0600) holding a 4 KiB header (magic, the creator's pid, the
+  ``/dev/shm/NAME`` file (mode 0600, its pages reserved at once, so a full /dev/shm is a
+  ValueError here rather than a SIGBUS at the engine's first write) holding a 4 KiB header (magic, the creator's pid, the
   :class:`~kvcache.transfer.layout.KvLayout`) and then every layer's
   ``[2, num_blocks * block_size, num_kv_heads, head_dim]`` tensor, page-aligned. The engine
   uses ``arena.caches`` like any other cache list;
@@ -17,7 +18,8 @@ Holder (prefill worker), when shared-memory transport is on:
 Puller (decode worker) on the same host: :func:`pull_shm` maps ``/dev/shm/NAME`` read-only
 (mapped once per name and kept, so later pulls pay no page faults), checks the layout and
 copies the handle's blocks into its own cache. An attacher never unlinks; it keeps its mapping
-(and so the holder's memory) until a pull finds the segment gone or it calls :func:`detach`. Ownership and
+(and so the holder's memory) until a pull finds the segment gone, it attaches another segment
+while this one is gone (unlinked or replaced), or it calls :func:`detach`. Ownership and
 validation (the holder does not know a shared-memory read happens): the puller copies first
 and then releases the handle through gRPC ``ReleaseHandle``; the copy is valid only if that
 release returned ``released = true`` (the handle was still pinned throughout the copy, so no
@@ -199,6 +201,7 @@ def attach(name: str) -> KvCacheView:
         cached = _attached.get(name)
         if cached is not None and cached[0] == inode:
             return cached[1]
+        _forget_gone_locked()
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -223,6 +226,25 @@ def attach(name: str) -> KvCacheView:
         view = KvCacheView(caches, layout.block_size, num_blocks=layout.num_blocks)
         _attached[name] = (inode, view)
         return view
+
+
+def _forget_gone_locked() -> None:
+    """Drop attachments whose segment was unlinked or replaced (its holder stopped, or was
+    killed and its file removed as stale): their memory goes back to the OS with the mapping,
+    instead of staying mapped here for good because no later pull names them."""
+    for name, (inode, _view) in list(_attached.items()):
+        try:
+            same = os.stat(SHM_DIR / name).st_ino == inode
+        except OSError:
+            same = False
+        if not same:
+            del _attached[name]
+
+
+def attached_names() -> list[str]:
+    """Names of the segments this process keeps mapped (tests, diagnostics)."""
+    with _attach_lock:
+        return sorted(_attached)
 
 
 def detach(name: str) -> None:
@@ -298,5 +320,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["SHM", "SegmentNotFound", "SharedKvArena", "attach", "detach", "detach_all",
+__all__ = ["SHM", "SegmentNotFound", "SharedKvArena", "attach", "attached_names", "detach",
+           "detach_all",
            "pull_shm", "read_header", "remove_stale_segments"]

@@ -26,6 +26,7 @@ import pytest
 
 from ferry.v1 import worker_pb2, worker_pb2_grpc
 from kvcache.transfer.shm import MAGIC, SHM_DIR
+from orchestrator.worker_actor import WorkerSpec, build_engine
 from tests.helpers.serve_process import ServeProcess, wait_gone
 from tests.helpers.tiny_model import make_tiny_llama, write_hf_folder
 from tests.integration.test_disagg_worker import PROMPT, Worker, no_blocks_in_use
@@ -174,6 +175,29 @@ def test_settings_the_caches_cannot_serve_are_refused(tiny_folder):
     caches = built.engine.runner.kv_caches
     with pytest.raises(ValueError, match=r"kv_caches\[0\] is torch.float32 \(2, 512, "):
         TorchModelRunner(built.loaded.model, 64, BS, kv_caches=caches)
+
+
+def test_worker_processes_build_prefill_caches_in_an_arena_unless_dev_shm_is_full(
+        tiny_folder, monkeypatch):
+    def spec(role: str, transport: str = "auto") -> WorkerSpec:
+        return WorkerSpec(worker_id=f"{role[0]}9", model=str(tiny_folder),
+                          served_model_name="m", engine=CFG, role=role, kv_transport=transport)
+
+    engine, arena = build_engine(spec("prefill"))
+    try:
+        assert [c.data_ptr() for c in engine.runner.kv_caches] == \
+            [c.data_ptr() for c in arena.caches]
+    finally:
+        arena.close()
+    assert build_engine(spec("decode"))[1] is None
+    assert build_engine(spec("prefill", "grpc"))[1] is None
+    full = os.statvfs_result((4096, 4096, 1, 1, 0, 1, 1, 1, 0, 255))  # no block free
+
+    monkeypatch.setattr(os, "statvfs", lambda path: full)
+    engine, arena = build_engine(spec("prefill"))  # auto: private caches, gRPC
+    assert arena is None and len(engine.runner.kv_caches) == 2
+    with pytest.raises(ValueError, match="/dev/shm has 0 bytes free, the KV arena needs"):
+        build_engine(spec("prefill", "shm"))
 
 
 def test_stale_arenas_of_dead_workers_are_removed():

@@ -3,6 +3,7 @@ exact values, the address format, cleanup (no segment left behind), stale-segmen
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from kvcache.transfer.shm import (
     SegmentNotFound,
     SharedKvArena,
     attach,
+    attached_names,
     detach,
     detach_all,
     pull_shm,
@@ -168,3 +170,22 @@ def test_the_creator_unlinks_at_exit_and_stale_segments_are_removed(prefix):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert list(SHM_DIR.glob(f"{prefix}*")) == []
+
+
+def test_attaching_forgets_segments_that_are_gone(prefix):
+    first = SharedKvArena.create(f"{prefix}-a", LAYOUT)
+    attach(first.name)
+    first.close()  # its holder stopped: nobody will pull from it again
+    with SharedKvArena.create(f"{prefix}-b", LAYOUT) as second:
+        attach(second.name)
+        assert [n for n in attached_names() if n.startswith(prefix)] == [second.name]
+
+
+def test_a_full_dev_shm_is_a_value_error_not_a_sigbus_later(prefix, monkeypatch):
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    with pytest.raises(ValueError, match=r"/dev/shm has no room for the KV arena's \d+ bytes"):
+        SharedKvArena.create(f"{prefix}-full", LAYOUT)
+    assert not (SHM_DIR / f"{prefix}-full").exists()
