@@ -21,6 +21,9 @@ built with ``options=SERVER_OPTIONS`` and ``KvTransferServicer(registry, view).a
 timeout_s=...)``, then commit the blocks, or free them and prefill locally on
 ``KvTransferError``.
 
+Ferry's workers do all of this in ``workers/server`` (``disagg.py``, ``worker.py``), choosing
+the transport their handles name with ``WorkerConfig.kv_transport`` (``kv_transport.py``).
+
 Imports ``proto`` and third-party libraries only.
 """
 
