@@ -43,9 +43,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-
-import numpy as np
 
 from kvcache.hashing import BlockHashConfig, hash_blocks
 from orchestrator.frontend.config import FrontendConfig
@@ -54,13 +51,13 @@ from orchestrator.frontend.types import FinishReason, FrontendError, GenerateInp
 from orchestrator.nats_server import NatsServer
 from orchestrator.replay.config import DISAGG_ONLINE_NOT_SUPPORTED, ReplayConfig
 from orchestrator.replay.oracle import OracleCache
-from orchestrator.replay.report import LatencySummary, ReplayReport, RouterSummary
+from orchestrator.replay.report import ReplayReport, RouterSummary, Tally
+from orchestrator.replay.sim_workers import mocker_engine
+from orchestrator.replay.trace_file import replay_order
 from orchestrator.routing import RoutingConfig, RoutingService
 from router.trace import TraceRequest, trace_token_ids
-from workers.engine.config import EngineConfig
-from workers.engine.engine import LLMEngine
+from router.types import RouterStats
 from workers.mocker.clock import WallClock
-from workers.mocker.runner import MockerRunner
 from workers.server.worker import WorkerConfig, WorkerServer
 
 MODEL_NAME = "ferry-replay-mocker"
@@ -90,21 +87,6 @@ class TokenIdTokenizer:
         raise ValueError("the replay frontend takes token ids only, not chat messages")
 
 
-@dataclass
-class _Tally:
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    e2e: list[float] = field(default_factory=list)
-    completed: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    oracle_tokens: int = 0
-    output_tokens: int = 0
-    first_arrival: float | None = None
-    last_finish: float = 0.0
-
-
 class _Cluster:
     """NATS (when needed), the mocker workers and the routed frontend of one replay."""
 
@@ -124,15 +106,9 @@ class _Cluster:
         if routing_config.needs_nats:
             self.nats = await asyncio.to_thread(NatsServer(host="127.0.0.1").start)
         nats_url = self.nats.url if self.nats is not None else None
-        engine_config = EngineConfig(
-            block_size=c.block_size, num_blocks=c.num_blocks, max_num_seqs=c.max_num_seqs,
-            max_num_batched_tokens=c.max_num_batched_tokens, enable_prefix_caching=True,
-            hash_seed=c.hash_seed)
-        max_model_len = c.num_blocks * c.block_size
         for i in range(c.workers):
             wid = f"worker-{i}"
-            runner = MockerRunner(c.vocab_size, max_model_len, c.timing, WallClock(), seed=c.seed)
-            server = WorkerServer(LLMEngine(runner, engine_config),
+            server = WorkerServer(mocker_engine(c, WallClock()),
                                   WorkerConfig(worker_id=wid, model=MODEL_NAME,
                                                nats_url=nats_url))
             self.servers[wid] = server  # registered first: stop() stops a half-started one
@@ -189,15 +165,11 @@ class OnlineReplay:
             raise TypeError(f"config must be a ReplayConfig, got {type(config).__name__}")
         if config.disaggregated:
             raise ValueError(DISAGG_ONLINE_NOT_SUPPORTED)
-        reqs = list(requests)[: config.limit] if config.limit is not None else list(requests)
-        if not reqs:
-            raise ValueError("nothing to replay: the trace holds no requests")
-        order = sorted(range(len(reqs)), key=lambda i: (reqs[i].timestamp_ms, i))
         self.config = config
-        self._trace = [reqs[i] for i in order]
+        self._trace = replay_order(requests, config.limit)
         self._hash_config = BlockHashConfig(config.block_size, config.hash_seed)
         self._oracle = OracleCache(config.block_size)
-        self._tally = _Tally()
+        self._tally = Tally()
 
     async def run(self) -> ReplayReport:
         wall0 = time.perf_counter()
@@ -236,8 +208,7 @@ class OnlineReplay:
                    oracle_blocks: int) -> None:
         tally = self._tally
         arrival = time.perf_counter()
-        if tally.first_arrival is None:
-            tally.first_arrival = arrival
+        tally.arrived(arrival)
         inp = GenerateInput(prompt_token_ids=tuple(tokens), request_id=f"req-{k}",
                             max_tokens=out_len, temperature=0.0, ignore_eos=True)
         try:
@@ -269,45 +240,17 @@ class OnlineReplay:
         if not ok or first is None:
             tally.failed += 1
             return
-        tally.completed += 1
         tally.ttft.append(first - arrival)
         tally.itl.extend(itl)
-        tally.e2e.append(last - arrival)
-        tally.prompt_tokens += len(tokens)
-        tally.cached_tokens += final.usage.cached_tokens
-        tally.oracle_tokens += oracle_blocks * self.config.block_size
-        tally.output_tokens += n_out
-        tally.last_finish = max(tally.last_finish, last)
+        tally.complete(last, arrival, len(tokens), final.usage.cached_tokens,
+                       oracle_blocks * self.config.block_size, n_out)
 
-    def _report(self, stats, per_worker: dict[str, int], preemptions: int, wall_s: float
-                ) -> ReplayReport:
-        c, tally = self.config, self._tally
-        duration = tally.last_finish - tally.first_arrival if tally.first_arrival else 0.0
-        duration = max(duration, 0.0)
-        return ReplayReport(
-            mode="online", router=c.router.value, workers=c.workers, speedup=c.speedup,
-            requests=len(self._trace), completed=tally.completed,
-            failed=len(self._trace) - tally.completed, duration_s=duration,
-            ttft=LatencySummary.of_seconds(tally.ttft),
-            itl=LatencySummary.of_seconds(np.asarray(tally.itl)),
-            e2e=LatencySummary.of_seconds(tally.e2e),
-            prompt_tokens=tally.prompt_tokens, cached_tokens=tally.cached_tokens,
-            output_tokens=tally.output_tokens,
-            output_tokens_per_s=tally.output_tokens / duration if duration > 0 else 0.0,
-            prefix_reuse=_share(tally.cached_tokens, tally.prompt_tokens),
-            oracle_hit_tokens=tally.oracle_tokens,
-            oracle_reuse=_share(tally.oracle_tokens, tally.prompt_tokens),
-            preemptions=preemptions,
-            router_stats=RouterSummary(
-                stats.requests, stats.prompt_blocks, stats.hit_blocks,
-                stats.achievable_hit_blocks, stats.hit_rate, stats.achievable_hit_rate,
-                per_worker),
-            wall_s=wall_s,
-        )
-
-
-def _share(part: int, whole: int) -> float:
-    return part / whole if whole else 0.0
+    def _report(self, stats: RouterStats, per_worker: dict[str, int], preemptions: int,
+                wall_s: float) -> ReplayReport:
+        n = len(self._trace)
+        return self._tally.report(
+            self.config, mode="online", requests=n, failed=n - self._tally.completed,
+            preemptions=preemptions, router=RouterSummary.of(stats, per_worker), wall_s=wall_s)
 
 
 def run_online(config: ReplayConfig, requests: Sequence[TraceRequest] | None = None

@@ -37,8 +37,13 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from orchestrator.replay.config import ReplayConfig
+    from router.types import RouterStats
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,12 @@ class RouterSummary:
     hit_rate: float
     achievable_hit_rate: float
     requests_per_worker: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, stats: RouterStats, requests_per_worker: dict[str, int]) -> RouterSummary:
+        return cls(stats.requests, stats.prompt_blocks, stats.hit_blocks,
+                   stats.achievable_hit_blocks, stats.hit_rate, stats.achievable_hit_rate,
+                   dict(requests_per_worker))
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,70 @@ class ReplayReport:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+@dataclass
+class Tally:
+    """What a replay adds up for its report while it runs (every replay: offline, disaggregated,
+    online); :meth:`report` turns it into a :class:`ReplayReport`."""
+
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    completed: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    oracle_tokens: int = 0
+    output_tokens: int = 0
+    first_arrival: float | None = None
+    last_finish: float = 0.0
+
+    def arrived(self, t: float) -> None:
+        if self.first_arrival is None:
+            self.first_arrival = t
+
+    def complete(self, end: float, arrival: float, prompt_tokens: int, cached_tokens: int,
+                 oracle_tokens: int, output_tokens: int) -> None:
+        """A request that ended at ``end`` with all its output tokens (TTFT and ITL are the
+        caller's: a replay adds them as the tokens come)."""
+        self.completed += 1
+        self.e2e.append(end - arrival)
+        self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
+        self.oracle_tokens += oracle_tokens
+        self.output_tokens += output_tokens
+        self.last_finish = max(self.last_finish, end)
+
+    @property
+    def duration_s(self) -> float:
+        """From the first arrival to the last finish (0 before a request completed)."""
+        if self.first_arrival is None:
+            return 0.0
+        return max(0.0, self.last_finish - self.first_arrival)
+
+    def report(self, config: ReplayConfig, *, mode: str, requests: int, failed: int,
+               preemptions: int, router: RouterSummary, wall_s: float,
+               disagg: DisaggSummary | None = None) -> ReplayReport:
+        duration = self.duration_s
+        return ReplayReport(
+            mode=mode, router=config.router.value, workers=config.num_workers,
+            speedup=config.speedup, requests=requests, completed=self.completed, failed=failed,
+            duration_s=duration,
+            ttft=LatencySummary.of_seconds(self.ttft),
+            itl=LatencySummary.of_seconds(np.asarray(self.itl)),
+            e2e=LatencySummary.of_seconds(self.e2e),
+            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
+            output_tokens=self.output_tokens,
+            output_tokens_per_s=self.output_tokens / duration if duration > 0 else 0.0,
+            prefix_reuse=share(self.cached_tokens, self.prompt_tokens),
+            oracle_hit_tokens=self.oracle_tokens,
+            oracle_reuse=share(self.oracle_tokens, self.prompt_tokens),
+            preemptions=preemptions, router_stats=router, wall_s=wall_s, disagg=disagg)
+
+
+def share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
 def _spread(per: dict[str, int]) -> str:
     return f"{min(per.values())}..{max(per.values())}" if per else "-"
 
@@ -192,4 +267,4 @@ def _num(x: float) -> str:
     return str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"
 
 
-__all__ = ["DisaggSummary", "LatencySummary", "ReplayReport", "RouterSummary"]
+__all__ = ["DisaggSummary", "LatencySummary", "ReplayReport", "RouterSummary", "Tally", "share"]

@@ -16,19 +16,19 @@ hash seed). The loop that owns it (:mod:`orchestrator.replay.simulator`,
   at once on an idle worker, else when its running step completes (:meth:`run_calls`, in the
   order the calls were made), before its next step starts.
 
-:class:`Tally` is what a replay adds up for its report (see :mod:`orchestrator.replay.report`).
+:func:`mocker_engine` builds a worker's engine on any clock (the online replay's run on the
+wall clock); :func:`drain_problems` says what is left on an engine at the end of a replay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kvcache.wire import LoadReport
 from orchestrator.replay.config import ReplayConfig
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine, StepResult
-from workers.mocker.clock import VirtualClock
+from workers.mocker.clock import Clock, VirtualClock
 from workers.mocker.runner import MockerRunner
 from workers.server.worker import build_load_report
 
@@ -89,54 +89,51 @@ class SimWorker:
     def check_drained(self) -> None:
         """Raise RuntimeError unless nothing is left on it: no request, no hold (pin or
         reservation), no block in use, and the scheduler's and cache's invariants hold."""
-        engine, kv = self.engine, self.engine.kv
-        problems = []
-        if engine.has_unfinished() or self.busy or self.calls:
-            problems.append("unfinished requests or engine calls")
-        if len(kv.holds):
-            problems.append(f"{len(kv.holds)} hold(s) of {kv.holds.num_blocks()} block(s) left "
-                            "(pins or import reservations)")
-        if kv.num_used_blocks:
-            problems.append(f"{kv.num_used_blocks} block(s) still in use")
-        try:
-            engine.check_integrity()
-            kv.check_integrity()
-        except AssertionError as e:
-            problems.append(f"integrity: {e}")
+        problems = drain_problems(self.engine)
+        if self.busy or self.calls:
+            problems.insert(0, "a step or engine calls still running")
         if problems:
             raise RuntimeError(f"{self.worker_id} is not drained at the end of the replay: "
                                + "; ".join(problems))
 
 
-def make_worker(config: ReplayConfig, index: int, worker_id: str) -> SimWorker:
-    """A worker with the engine ``config`` describes (its seed: ``config.seed``)."""
+def drain_problems(engine: LLMEngine) -> list[str]:
+    """What is left on ``engine`` that a drained worker holds no more (empty: drained):
+    unfinished requests, holds (pins or import reservations), blocks in use, broken
+    invariants. On the engine's thread for a live worker."""
+    kv = engine.kv
+    problems = []
+    if engine.has_unfinished():
+        problems.append("unfinished requests")
+    if len(kv.holds):
+        problems.append(f"{len(kv.holds)} hold(s) of {kv.holds.num_blocks()} block(s) left "
+                        "(pins or import reservations)")
+    if kv.num_used_blocks:
+        problems.append(f"{kv.num_used_blocks} block(s) still in use")
+    try:
+        engine.check_integrity()
+        kv.check_integrity()
+    except AssertionError as e:
+        problems.append(f"integrity: {e}")
+    return problems
+
+
+def mocker_engine(config: ReplayConfig, clock: Clock) -> LLMEngine:
+    """A worker's engine as ``config`` describes it: a mocker runner on ``clock`` (its
+    sampling seed ``config.seed``), prefix caching on, the router's block size and hash seed."""
     engine_config = EngineConfig(
         block_size=config.block_size, num_blocks=config.num_blocks,
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         enable_prefix_caching=True, hash_seed=config.hash_seed)
-    clock = VirtualClock()
     runner = MockerRunner(config.vocab_size, config.num_blocks * config.block_size,
                           config.timing, clock, seed=config.seed)
-    return SimWorker(index, worker_id, LLMEngine(runner, engine_config), clock)
+    return LLMEngine(runner, engine_config)
 
 
-@dataclass
-class Tally:
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    e2e: list[float] = field(default_factory=list)
-    completed: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    oracle_tokens: int = 0
-    output_tokens: int = 0
-    first_arrival: float | None = None
-    last_finish: float = 0.0
+def make_worker(config: ReplayConfig, index: int, worker_id: str) -> SimWorker:
+    """A worker with the engine ``config`` describes, on a virtual clock of its own."""
+    clock = VirtualClock()
+    return SimWorker(index, worker_id, mocker_engine(config, clock), clock)
 
 
-def share(part: int, whole: int) -> float:
-    return part / whole if whole else 0.0
-
-
-__all__ = ["EngineCall", "SimWorker", "Tally", "make_worker", "share"]
+__all__ = ["EngineCall", "SimWorker", "drain_problems", "make_worker", "mocker_engine"]

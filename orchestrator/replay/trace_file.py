@@ -7,6 +7,7 @@ sort, so requests with equal timestamps keep the file's order).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from router.trace import TraceRequest, parse_trace_line
@@ -35,4 +36,15 @@ def load_trace(path: Path | str, limit: int | None = None) -> list[TraceRequest]
     return out
 
 
-__all__ = ["load_trace"]
+def replay_order(requests: Sequence[TraceRequest], limit: int | None = None
+                 ) -> list[TraceRequest]:
+    """The first ``limit`` of ``requests`` (all when None) in the order a replay sends them:
+    by timestamp, equal timestamps in the given order. ValueError when none is left."""
+    reqs = list(requests)[:limit] if limit is not None else list(requests)
+    if not reqs:
+        raise ValueError("nothing to replay: the trace holds no requests")
+    order = sorted(range(len(reqs)), key=lambda i: (reqs[i].timestamp_ms, i))
+    return [reqs[i] for i in order]
+
+
+__all__ = ["load_trace", "replay_order"]
