@@ -305,7 +305,10 @@ def remove_stale_segments(prefix: str = "") -> list[str]:
             continue
         if pid is None or _pid_alive(pid):
             continue
-        _unlink_quietly(path)
+        try:
+            _unlink_quietly(path)
+        except OSError:  # not ours to remove (another user's, in a sticky /dev/shm)
+            continue
         removed.append(path.name)
     return removed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import subprocess
 import sys
 import uuid
@@ -189,3 +190,21 @@ def test_a_full_dev_shm_is_a_value_error_not_a_sigbus_later(prefix, monkeypatch)
     with pytest.raises(ValueError, match=r"/dev/shm has no room for the KV arena's \d+ bytes"):
         SharedKvArena.create(f"{prefix}-full", LAYOUT)
     assert not (SHM_DIR / f"{prefix}-full").exists()
+
+
+def test_a_stale_segment_that_cannot_be_removed_is_skipped(prefix, monkeypatch):
+    from kvcache.transfer import shm
+
+    probe = subprocess.Popen(["true"])  # its pid is nobody's once reaped
+    probe.wait()
+    header = b'{"pid": %d, "layout": {}, "layer_stride": 0}' % probe.pid
+    path = SHM_DIR / f"{prefix}-other-user"
+    path.write_bytes(shm.MAGIC + struct.pack("<I", len(header)) + header)
+
+    def refuse(p):
+        raise PermissionError(1, "Operation not permitted", str(p))
+
+    monkeypatch.setattr(shm, "_unlink_quietly", refuse)
+    assert remove_stale_segments(prefix) == []  # skipped, not raised
+    monkeypatch.undo()
+    assert remove_stale_segments(prefix) == [path.name]
