@@ -6,6 +6,20 @@ model, no worker) is answered with one such last chunk carrying FINISH_REASON_ER
 Error whose code is INVALID_ARGUMENT / NOT_FOUND / UNAVAILABLE; the RPC itself ends OK, so a
 client reads every outcome from the stream. The unary RPCs (Tokenize, ...) fail with the
 gRPC status of the same code instead. Cancelling a Generate call cancels the worker call.
+
+How Generate is served (what it costs is most of the frontend's CPU per request; see
+benchmarks/serve_overhead.py). On the wire a server-streaming call is the request, then the
+response messages, then the status; the client cannot tell how the server's handler was
+declared. grpc.aio sends every message of a streaming handler as one operation and the status
+as one more, each a round trip through its completion-queue thread; a unary handler's message
+goes out together with the status. So :func:`add_to_server` declares Generate unary: the
+handler writes each chunk but the last with ``context.write`` (serialized here; the context of
+a unary handler has no serializer) and returns the last one, which grpc.aio sends with the
+status in one operation. Clients see exactly the stream client.proto describes (the tests read
+it with the generated stub). The four methods are a generic handler only, not also
+"registered methods" as the generated ``add_FerryServicer_to_server`` makes them: grpc.aio's
+accept loop waits on one pending future per registered method (plus one for the rest) at every
+call, and one is all a single service needs.
 """
 
 from __future__ import annotations
@@ -33,6 +47,8 @@ _PB_FINISH = {
     FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
 }
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_NO_LAST_CHUNK = "the generation stream ended without its last chunk"
+_SERVICE = "ferry.v1.Ferry"
 
 
 def grpc_status(code: int) -> grpc.StatusCode:
@@ -88,22 +104,31 @@ def chunk_message(chunk: GenerateChunk) -> client_pb2.GenerateResponse:
     return message
 
 
+def _error_message(request_id: str, code: int, message: str) -> client_pb2.GenerateResponse:
+    return client_pb2.GenerateResponse(
+        request_id=request_id, finish_reason=common_pb2.FINISH_REASON_ERROR,
+        usage=common_pb2.Usage(), error=common_pb2.Error(code=code, message=message))
+
+
 class FerryServicer(client_pb2_grpc.FerryServicer):
+    """The service; serve it with :func:`add_to_server` (Generate is declared unary there)."""
+
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
 
-    async def Generate(self, request, context):
+    async def Generate(self, request, context) -> client_pb2.GenerateResponse:
+        """Writes every chunk but the last; returns the last (module docstring)."""
         try:
             stream = await self.frontend.generate(generate_input(request))
         except FrontendError as e:
-            yield client_pb2.GenerateResponse(
-                request_id=request.request_id, finish_reason=common_pb2.FINISH_REASON_ERROR,
-                usage=common_pb2.Usage(),
-                error=common_pb2.Error(code=int(e.code), message=e.message))
-            return
+            return _error_message(request.request_id, int(e.code), e.message)
+        write = context.write
         async with aclosing(stream):
             async for chunk in stream:
-                yield chunk_message(chunk)
+                if chunk.finish_reason is not None:
+                    return chunk_message(chunk)
+                await write(chunk_message(chunk).SerializeToString())
+        return _error_message(request.request_id, common_pb2.ERROR_CODE_INTERNAL, _NO_LAST_CHUNK)
 
     async def Tokenize(self, request, context):
         try:
@@ -133,10 +158,29 @@ class FerryServicer(client_pb2_grpc.FerryServicer):
                                          detail=f.health_detail())
 
 
+def method_handlers(servicer: FerryServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The service's method handlers by name, Generate declared unary (module docstring)."""
+    unary = grpc.unary_unary_rpc_method_handler
+    pb = client_pb2
+    return {
+        "Generate": unary(servicer.Generate, request_deserializer=pb.GenerateRequest.FromString,
+                          response_serializer=pb.GenerateResponse.SerializeToString),
+        "Tokenize": unary(servicer.Tokenize, request_deserializer=pb.TokenizeRequest.FromString,
+                          response_serializer=pb.TokenizeResponse.SerializeToString),
+        "ListModels": unary(servicer.ListModels,
+                            request_deserializer=pb.ListModelsRequest.FromString,
+                            response_serializer=pb.ListModelsResponse.SerializeToString),
+        "Health": unary(servicer.Health, request_deserializer=pb.HealthRequest.FromString,
+                        response_serializer=pb.HealthResponse.SerializeToString),
+    }
+
+
 def add_to_server(frontend: Frontend, server: grpc.aio.Server) -> FerryServicer:
     servicer = FerryServicer(frontend)
-    client_pb2_grpc.add_FerryServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_SERVICE, method_handlers(servicer)),))
     return servicer
 
 
-__all__ = ["FerryServicer", "add_to_server", "chunk_message", "generate_input", "grpc_status"]
+__all__ = ["FerryServicer", "add_to_server", "chunk_message", "generate_input", "grpc_status",
+           "method_handlers"]
