@@ -15,6 +15,7 @@ say T moved every import, and no /dev/shm segment of the workers outlives the de
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import struct
 import subprocess
@@ -25,7 +26,7 @@ import openai
 import pytest
 
 from ferry.v1 import worker_pb2, worker_pb2_grpc
-from kvcache.transfer.shm import MAGIC, SHM_DIR
+from kvcache.transfer.shm import HEADER_BYTES, MAGIC, SHM_DIR
 from orchestrator.worker_actor import WorkerSpec, build_engine
 from tests.helpers.serve_process import ServeProcess, wait_gone
 from tests.helpers.tiny_model import make_tiny_llama, write_hf_folder
@@ -191,6 +192,13 @@ def test_worker_processes_build_prefill_caches_in_an_arena_unless_dev_shm_is_ful
         arena.close()
     assert build_engine(spec("decode"))[1] is None
     assert build_engine(spec("prefill", "grpc"))[1] is None
+    mocker, arena = build_engine(dataclasses.replace(spec("prefill", "shm"), runner="mocker"))
+    try:
+        assert (arena.layout.num_layers, arena.layout.num_blocks, arena.path.stat().st_size) == \
+            (0, CFG.num_blocks, HEADER_BYTES)
+        assert isinstance(mocker.runner, MockerRunner)
+    finally:
+        arena.close()
     full = os.statvfs_result((4096, 4096, 1, 1, 0, 1, 1, 1, 0, 255))  # no block free
 
     monkeypatch.setattr(os, "statvfs", lambda path: full)
