@@ -23,6 +23,19 @@ ratio to the copy, and the CPU seconds each side spent per GB moved (less sensit
 time to other load on the machine). Both processes call ``kvcache.transfer.tuning.tune_malloc``
 as a worker does. Targets (issue 5): shm >= 50 % of the copy rate, gRPC >= 20 %.
 
+Where the gRPC pull's time goes (2-core machine shared with other work, grpcio 1.85, measured
+with perf and by taking pieces out): the puller spends 0.4-0.8 CPU s/GB (plain TCP: about
+0.2), of which Ferry's own checks and writes (chunk parsing, crc32, one copy into the
+destination) are about 0.12 (8-9 GB/s); the rest is gRPC and the kernel: the socket read, the
+copy of each received message into a Python ``bytes`` (per grpc's Cython source: each piece
+copied, then joined, when a message straddles socket reads), the hand-off between gRPC's poller threads and the event loop. The holder
+joins each chunk into one ``bytes`` (one copy plus the crc32, about 18 % of its time), gRPC
+copies it again into its own buffer (grpcio 1.85 has no zero-copy send from Python), then the
+kernel copies it into the socket, all on the event-loop thread. Neither more streams (2, 4)
+nor other chunk sizes (1, 2, 4 MiB), read sizes or ``grpc.optimization_target`` changed the
+rates beyond the noise here; on this machine the plain TCP ceiling itself is 15-21 % of a
+memory copy, so the 20 % target for gRPC is out of reach on it.
+
 Run: .venv/bin/python benchmarks/kv_transfer.py [--sizes 64M,1G] [--reps 5] [--pulls shm,grpc,tcp]
 """
 
