@@ -16,7 +16,6 @@ Lifecycle (control plane side / actor side):
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 
@@ -78,8 +77,13 @@ def build_engine(spec: WorkerSpec):
 
         runner = MockerRunner(spec.mocker_vocab_size, spec.mocker_max_model_len,
                               timing=spec.timing, clock=WallClock())
-        arena = None if name is None else mocker_arena(name, spec.engine.block_size,
-                                                       spec.engine.num_blocks)
+        arena = None
+        if name is not None:
+            try:
+                arena = mocker_arena(name, spec.engine.block_size, spec.engine.num_blocks)
+            except ValueError:  # no room in /dev/shm
+                if spec.kv_transport != "auto":
+                    raise
         return LLMEngine(runner, spec.engine), arena
     import torch
 
@@ -87,16 +91,10 @@ def build_engine(spec: WorkerSpec):
 
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
-    try:
-        built = build_torch_engine(spec.model, spec.engine, kv_cache_bytes=spec.kv_cache_bytes,
-                                   kv_arena_name=name)
-    except ValueError as exc:
-        if name is None or spec.kv_transport != "auto" or "/dev/shm" not in str(exc):
-            raise
-        # auto: /dev/shm too small for the KV cache (docker's default is 64 MiB): private
-        # caches, KV handles pulled over gRPC
-        logging.getLogger(__name__).warning("%s; KV caches stay private (gRPC transport)", exc)
-        built = build_torch_engine(spec.model, spec.engine, kv_cache_bytes=spec.kv_cache_bytes)
+    # auto: a /dev/shm too small for the KV cache (docker's default is 64 MiB) means private
+    # caches, and KV handles pulled over gRPC
+    built = build_torch_engine(spec.model, spec.engine, kv_cache_bytes=spec.kv_cache_bytes,
+                               kv_arena_name=name, kv_arena_optional=spec.kv_transport == "auto")
     return built.engine, built.kv_arena
 
 

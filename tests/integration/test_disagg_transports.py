@@ -206,6 +206,7 @@ def test_worker_processes_build_prefill_caches_in_an_arena_unless_dev_shm_is_ful
     assert arena is None and len(engine.runner.kv_caches) == 2
     with pytest.raises(ValueError, match="/dev/shm has 0 bytes free, the KV arena needs"):
         build_engine(spec("prefill", "shm"))
+    assert build_engine(dataclasses.replace(spec("prefill"), runner="mocker"))[1] is None
 
 
 def test_stale_arenas_of_dead_workers_are_removed():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from workers.engine.engine import LLMEngine
 from workers.engine.model_runner import TorchModelRunner
 from workers.loader import LoadedModel, load_model
 from workers.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,12 +43,15 @@ def build_torch_engine(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     kv_arena_name: str | None = None,
+    kv_arena_optional: bool = False,
 ) -> TorchEngine:
     """Load ``model`` and wrap it in an engine. ``kv_cache_bytes``, when given, sets the number
     of KV blocks from a memory budget instead of ``config.num_blocks``. ``kv_arena_name``,
     when given, puts the KV caches in a new shared-memory arena ``/dev/shm/NAME``
     (:class:`kvcache.transfer.shm.SharedKvArena`; host memory, so ``device`` must be "cpu"):
-    decode workers on this host then copy blocks straight out of it."""
+    decode workers on this host then copy blocks straight out of it. When /dev/shm has no room
+    for it, that is a ValueError, or with ``kv_arena_optional`` a warning and private caches
+    (``TorchEngine.kv_arena`` None)."""
     if kv_arena_name is not None and torch.device(device).type != "cpu":
         raise ValueError(f"a shared-memory KV arena lives in host memory, the engine runs on "
                          f"{device}: drop kv_arena_name (GPU caches use the cuda-ipc transport)")
@@ -62,9 +68,14 @@ def build_torch_engine(
     arena = None
     if kv_arena_name is not None:
         c = loaded.config
-        arena = SharedKvArena.create(kv_arena_name, KvLayout(
-            c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, dtype_name(dtype),
-            config.num_blocks))
+        try:
+            arena = SharedKvArena.create(kv_arena_name, KvLayout(
+                c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, dtype_name(dtype),
+                config.num_blocks))
+        except ValueError as exc:  # no room in /dev/shm
+            if not kv_arena_optional:
+                raise
+            log.warning("%s; the KV caches stay private to this process", exc)
     try:
         runner = TorchModelRunner(loaded.model, config.num_blocks, config.block_size,
                                   dtype=dtype, device=device, max_model_len=config.max_model_len,

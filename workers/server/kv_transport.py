@@ -19,7 +19,9 @@ built with them there (:func:`arena_name`, ``build_torch_engine(kv_arena_name=..
 :func:`mocker_arena` for a mocker, which has no KV bytes: its arena is only the 4 KiB header,
 and its shm pulls move zero bytes). :func:`wants_arena` says when a worker process makes one:
 a prefill worker (the only role that hands out handles in a Ferry deployment) whose setting is
-``auto`` or ``shm`` and whose caches are in host memory. The worker server owns the arena
+``auto`` or ``shm`` and whose caches are in host memory (a /dev/shm without room for them
+means private caches and gRPC under ``auto``, a worker that refuses to start under ``shm``;
+its pages are reserved when it is made). The worker server owns the arena
 once given it and unlinks ``/dev/shm/NAME`` when it stops; a worker killed before that leaves
 the file behind, and the next worker started on the host deletes it
 (:func:`remove_stale_arenas`: segments whose creator process is gone).
