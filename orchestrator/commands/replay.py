@@ -6,9 +6,10 @@ mocker workers over gRPC and NATS on the wall clock (:mod:`orchestrator.replay.o
 the command starts and stops (also on Ctrl-C). Each is imported only when used. Prints a table
 of the results; ``--json OUT`` also writes them as one JSON object.
 
-``--offline --prefill-workers P --decode-workers D`` replays a disaggregated deployment
-(:mod:`orchestrator.replay.disagg`): give both, not with ``--workers``; the disaggregation
-flags (thresholds, KV transfer model) need them.
+``--prefill-workers P --decode-workers D`` replays a disaggregated deployment (offline:
+:mod:`orchestrator.replay.disagg`; live: prefill and decode mocker workers with real KV
+handles and pulls over gRPC): give both, not with ``--workers``; the disaggregation flags
+need them, and the KV transfer model (``--kv-*``) applies to the offline replay only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from orchestrator.replay.config import DISAGG_ONLINE_NOT_SUPPORTED, ReplayConfig
+from orchestrator.replay.config import TRANSFER_MODEL_OFFLINE_ONLY, ReplayConfig
 from orchestrator.replay.trace_file import load_trace
 from orchestrator.replay.transfer import KvTransferModel
 from router.cost import CostConfig
@@ -33,11 +34,11 @@ _C = CostConfig()
 _G = DisaggConfig()
 _X = KvTransferModel()
 _UNSET = object()  # a disaggregation flag not given (None is a value of some)
+_TRANSFER_FLAGS = (("kv_bytes_per_token", "--kv-bytes-per-token"),
+                   ("kv_transfer_gbps", "--kv-transfer-gbps"),
+                   ("kv_transfer_latency_ms", "--kv-transfer-latency-ms"))
 _DISAGG_FLAGS = (("max_local_prefill_tokens", "--max-local-prefill-tokens"),
-                 ("max_prefill_queue_tokens", "--max-prefill-queue-tokens"),
-                 ("kv_bytes_per_token", "--kv-bytes-per-token"),
-                 ("kv_transfer_gbps", "--kv-transfer-gbps"),
-                 ("kv_transfer_latency_ms", "--kv-transfer-latency-ms"))
+                 ("max_prefill_queue_tokens", "--max-prefill-queue-tokens"), *_TRANSFER_FLAGS)
 
 
 def _optional_float(text: str) -> float | None:
@@ -58,9 +59,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help=f"aggregated workers (default {_D.workers})")
     p.add_argument("--prefill-workers", type=int, default=None,
-                   help="disaggregated (--offline): prefill workers (with --decode-workers)")
+                   help="disaggregated: prefill workers (with --decode-workers)")
     p.add_argument("--decode-workers", type=int, default=None,
-                   help="disaggregated (--offline): decode workers (with --prefill-workers)")
+                   help="disaggregated: decode workers (with --prefill-workers)")
     p.add_argument("--router", default=_D.router.value, choices=[m.value for m in RouterMode],
                    help="routing mode (default %(default)s)")
     p.add_argument("--speedup", type=float, default=_D.speedup,
@@ -95,8 +96,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    default=_C.busy_prefill_blocks,
                    help="skip workers with this many prefill blocks queued, 'none': off "
                         "(default %(default)s)")
-    d = p.add_argument_group("disaggregation (with --prefill-workers and --decode-workers); "
-                             "see router/disagg.py and orchestrator/replay/transfer.py")
+    d = p.add_argument_group("disaggregation (with --prefill-workers and --decode-workers; the "
+                             "--kv-* transfer model with --offline only); see router/disagg.py "
+                             "and orchestrator/replay/transfer.py")
     d.add_argument("--max-local-prefill-tokens", type=int, default=_UNSET,
                    help="prefill on the decode worker when at most this many prompt tokens "
                         f"are uncached there (default {_G.max_local_prefill_tokens})")
@@ -133,7 +135,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
     given = [flag for name, flag in _DISAGG_FLAGS if getattr(args, name) is not _UNSET]
     if given and not disagg:
         raise ValueError(f"{', '.join(given)} only apply to a disaggregated replay: add "
-                         "--prefill-workers P --decode-workers D (and --offline)")
+                         "--prefill-workers P --decode-workers D")
     dcfg = DisaggConfig(
         max_local_prefill_tokens=_given(args.max_local_prefill_tokens,
                                         _G.max_local_prefill_tokens),
@@ -159,8 +161,9 @@ def _given(value, default):
 def run(args: argparse.Namespace) -> int:
     try:
         config = build_config(args)
-        if config.disaggregated and not args.offline:
-            raise ValueError(DISAGG_ONLINE_NOT_SUPPORTED)
+        if not args.offline and any(getattr(args, name) is not _UNSET
+                                    for name, _ in _TRANSFER_FLAGS):
+            raise ValueError(TRANSFER_MODEL_OFFLINE_ONLY)
         requests = load_trace(config.trace, config.limit)  # a bad trace fails before imports
         if args.offline:
             from orchestrator.replay.simulator import replay_offline

@@ -10,7 +10,8 @@
 - :mod:`orchestrator.replay.oracle`: the reuse an infinite shared cache would give;
 - :mod:`orchestrator.replay.report`: :class:`ReplayReport`, as a table or JSON;
 - :mod:`orchestrator.replay.online`: the online replay (a live local cluster of mocker
-  workers over gRPC and NATS, on the wall clock).
+  workers over gRPC and NATS, on the wall clock, aggregated or disaggregated), with
+  :mod:`orchestrator.replay.live_cluster` (that cluster, and what it counts).
 
 Nothing is imported here, so that ``ferry`` starts fast: import the submodules.
 """

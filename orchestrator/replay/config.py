@@ -18,9 +18,10 @@ from router.disagg import DisaggConfig
 from router.types import RouterMode
 from workers.mocker.timing import TimingModel
 
-DISAGG_ONLINE_NOT_SUPPORTED = (
-    "the online replay runs aggregated workers only; add --offline to replay a disaggregated "
-    "deployment (--prefill-workers/--decode-workers) in the simulator, or use --workers N")
+TRANSFER_MODEL_OFFLINE_ONLY = (
+    "--kv-bytes-per-token, --kv-transfer-gbps and --kv-transfer-latency-ms model the KV pull "
+    "of the offline replay; the online replay pulls the mocker's KV between its workers over "
+    "gRPC for real: leave them out, or add --offline")
 
 
 def _int_at_least(name: str, value: object, low: int, hint: str) -> None:
@@ -36,11 +37,12 @@ class ReplayConfig:
     - ``prefill_workers`` / ``decode_workers``: a disaggregated deployment (both or neither;
       then ``workers`` is not used): prefill workers only prefill and hand their KV over,
       decode workers decode and prefill short prompts themselves
-      (:mod:`orchestrator.replay.disagg`; offline only: :data:`DISAGG_ONLINE_NOT_SUPPORTED`).
+      (offline: :mod:`orchestrator.replay.disagg`; online: :mod:`orchestrator.replay.online`).
     - ``disagg``: the router's local-or-remote prefill thresholds
       (:class:`~router.disagg.DisaggConfig`; None: its defaults). Disaggregated only.
     - ``transfer``: how long a KV pull takes (:class:`~orchestrator.replay.transfer.
-      KvTransferModel`). Disaggregated only.
+      KvTransferModel`). Offline and disaggregated only (the online replay refuses another
+      than the default: :data:`TRANSFER_MODEL_OFFLINE_ONLY`).
     - ``router``: routing mode (``kv``, ``approx``, ``round_robin``, ``random``).
     - ``speedup``: trace arrival times are divided by it (2.0 = twice the request rate).
     - ``block_size``, ``num_blocks`` (per worker), ``max_num_batched_tokens``,
@@ -134,4 +136,4 @@ class ReplayConfig:
         return self.workers
 
 
-__all__ = ["DISAGG_ONLINE_NOT_SUPPORTED", "ReplayConfig"]
+__all__ = ["TRANSFER_MODEL_OFFLINE_ONLY", "ReplayConfig"]

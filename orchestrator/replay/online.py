@@ -2,22 +2,13 @@
 without ``--offline``).
 
 What runs, all owned by :func:`run_online` and stopped by it (also on an error or Ctrl-C):
-
-1. a ``nats-server`` with JetStream of its own (:class:`orchestrator.nats_server.NatsServer`,
-   a free port in a temporary folder), unless the router mode needs no events
-   (``round_robin``, ``random``);
-2. ``config.workers`` mocker workers in this process: each an
-   :class:`~workers.engine.engine.LLMEngine` over a
-   :class:`~workers.mocker.runner.MockerRunner` on the wall clock (a step really takes its
-   modelled time, on the engine's own thread) behind a
-   :class:`~workers.server.worker.WorkerServer` (gRPC on a free port of 127.0.0.1),
-   publishing KV events and load reports to that NATS. In-process servers start in well
-   under a second and leave nothing behind; the engines' steps sleep, so they share the CPU
-   well;
-3. a :class:`~orchestrator.frontend.core.Frontend` routed by a
-   :class:`~orchestrator.routing.service.RoutingService` (``config.router``, the replay's
-   cost config and seed), which registers every worker (block size and hash seed checked)
-   and, in ``kv`` mode, builds its index from the workers' events over NATS.
+a :class:`~orchestrator.replay.live_cluster.LiveCluster`: a ``nats-server`` (unless the router
+mode needs no events), the mocker workers in this process behind gRPC (aggregated
+``worker-0..N-1``, or disaggregated ``prefill-0..P-1`` and ``decode-0..D-1`` with real KV
+handles and pulls over gRPC between them), and a
+:class:`~orchestrator.frontend.core.Frontend` routed by a
+:class:`~orchestrator.routing.service.RoutingService`. In-process servers start in well under
+a second and leave nothing behind; the engines' steps sleep, so they share the CPU well.
 
 Then request ``k`` of the trace (arrival order) is sent through ``Frontend.generate`` at
 ``t0 + timestamp_k / speedup`` (wall clock): prompt token ids as in the offline replay
@@ -30,6 +21,21 @@ usage. A request completes when it ends with its ``output_length`` tokens (LENGT
 any other ending counts as failed. The report (:class:`~orchestrator.replay.report.ReplayReport`,
 mode ``online``) has the same fields as the offline one; the router's stats are the routing
 service's.
+
+Disaggregated, the report's ``disagg`` part (:class:`~orchestrator.replay.report.
+DisaggSummary`) has the routing service's decisions by reason (remote ``long_prefill``; local
+``short_prefill``, ``prefill_busy``; ``prefill_failed``: remote requests whose prefill worker
+failed), the requests each prefill and decode worker got, and the decode workers' KV imports
+as they happened (:class:`~orchestrator.replay.live_cluster.ImportLog`: pulls, blocks pulled,
+blocks already held, no room, failed pulls, and each import's wall time); ``ttft_at_decode``
+counts a remote request's first token when its decode worker sent its first tokens. No KV
+bytes move (the mocker's cache has no layers), so the transfer model of the offline replay
+(``config.transfer``) does not apply here: it must be left at its default.
+
+At the end (every stream over), every worker must be drained within 10 s: no request, no
+pin or reservation, no block in use (:meth:`~orchestrator.replay.live_cluster.LiveCluster.
+wait_drained`); else RuntimeError. :attr:`OnlineReplay.left` keeps what each worker held
+then.
 
 Times are real: they include gRPC, NATS, the frontend and this machine's load on top of the
 modelled step times, and the KV events reach the router a little late (as in production), so
@@ -45,116 +51,24 @@ import time
 from collections.abc import Sequence
 
 from kvcache.hashing import BlockHashConfig, hash_blocks
-from orchestrator.frontend.config import FrontendConfig
-from orchestrator.frontend.core import Frontend
 from orchestrator.frontend.types import FinishReason, FrontendError, GenerateInput
-from orchestrator.nats_server import NatsServer
-from orchestrator.replay.config import DISAGG_ONLINE_NOT_SUPPORTED, ReplayConfig
+from orchestrator.replay.config import TRANSFER_MODEL_OFFLINE_ONLY, ReplayConfig
+from orchestrator.replay.live_cluster import LiveCluster, ReplayFrontend
 from orchestrator.replay.oracle import OracleCache
-from orchestrator.replay.report import ReplayReport, RouterSummary, Tally
-from orchestrator.replay.sim_workers import mocker_engine
+from orchestrator.replay.report import (
+    DisaggSummary,
+    LatencySummary,
+    ReplayReport,
+    RouterSummary,
+    Tally,
+)
 from orchestrator.replay.trace_file import replay_order
-from orchestrator.routing import RoutingConfig, RoutingService
+from orchestrator.replay.transfer import KvTransferModel
+from router.disagg import DisaggReason
 from router.trace import TraceRequest, trace_token_ids
-from router.types import RouterStats
-from workers.mocker.clock import WallClock
-from workers.server.worker import WorkerConfig, WorkerServer
+from workers.server.worker import WorkerRole
 
-MODEL_NAME = "ferry-replay-mocker"
-_READY_TIMEOUT_S = 30.0
-
-
-class TokenIdTokenizer:
-    """The frontend's tokenizer for token-id prompts: no text, no special tokens."""
-
-    eos_token_ids: tuple[int, ...] = ()
-
-    def __init__(self, vocab_size: int) -> None:
-        self._vocab_size = vocab_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        raise ValueError("the replay frontend takes token ids only, not text")
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return ""
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> str:
-        raise ValueError("the replay frontend takes token ids only, not chat messages")
-
-
-class _Cluster:
-    """NATS (when needed), the mocker workers and the routed frontend of one replay."""
-
-    def __init__(self, config: ReplayConfig) -> None:
-        self.config = config
-        self.nats: NatsServer | None = None
-        self.servers: dict[str, WorkerServer] = {}
-        self.routing: RoutingService | None = None
-        self.frontend: Frontend | None = None
-        self.per_worker: dict[str, int] = {}
-
-    async def start(self) -> Frontend:
-        c = self.config
-        routing_config = RoutingConfig(
-            mode=c.router, hash_config=BlockHashConfig(c.block_size, c.hash_seed),
-            cost=c.cost_config, seed=c.seed)
-        if routing_config.needs_nats:
-            self.nats = await asyncio.to_thread(NatsServer(host="127.0.0.1").start)
-        nats_url = self.nats.url if self.nats is not None else None
-        for i in range(c.workers):
-            wid = f"worker-{i}"
-            server = WorkerServer(mocker_engine(c, WallClock()),
-                                  WorkerConfig(worker_id=wid, model=MODEL_NAME,
-                                               nats_url=nats_url))
-            self.servers[wid] = server  # registered first: stop() stops a half-started one
-            await server.start()
-        self.routing = RoutingService(routing_config, nats_url)
-        self.frontend = Frontend(TokenIdTokenizer(c.vocab_size),
-                                 FrontendConfig(model_name=MODEL_NAME))
-        self.routing.attach(self.frontend)
-        pick = self.frontend.pick_worker
-        self.per_worker = dict.fromkeys(self.servers, 0)
-
-        def counting_pick(request):
-            worker_id = pick(request)
-            self.per_worker[worker_id] = self.per_worker.get(worker_id, 0) + 1
-            return worker_id
-
-        self.frontend.pick_worker = counting_pick
-        for wid, server in self.servers.items():
-            await self.frontend.add_worker(wid, server.address)
-        if not await self.routing.start(timeout=_READY_TIMEOUT_S):
-            raise RuntimeError(f"the router could not reach its NATS at {nats_url} within "
-                               f"{_READY_TIMEOUT_S:.0f}s")
-        return self.frontend
-
-    async def stop(self) -> None:
-        """Stop everything started, in reverse order; every step runs even if one fails."""
-        steps = []
-        if self.frontend is not None:
-            steps.append(self.frontend.close())
-        if self.routing is not None:
-            steps.append(self.routing.close())
-        steps.append(asyncio.gather(*(s.stop(0.5) for s in self.servers.values()),
-                                    return_exceptions=True))
-        errors = []
-        for step in steps:
-            try:
-                await step
-            except Exception as e:  # noqa: BLE001 - go on stopping the rest
-                errors.append(e)
-        if self.nats is not None:
-            await asyncio.to_thread(self.nats.stop)
-        if errors:
-            raise errors[0]
-
-    def preemptions(self) -> int:
-        return sum(s.engine.scheduler.num_preemptions for s in self.servers.values())
+_DRAIN_TIMEOUT_S = 10.0
 
 
 class OnlineReplay:
@@ -163,28 +77,36 @@ class OnlineReplay:
     def __init__(self, config: ReplayConfig, requests: Sequence[TraceRequest]) -> None:
         if not isinstance(config, ReplayConfig):
             raise TypeError(f"config must be a ReplayConfig, got {type(config).__name__}")
-        if config.disaggregated:
-            raise ValueError(DISAGG_ONLINE_NOT_SUPPORTED)
+        if config.transfer != KvTransferModel():
+            raise ValueError(TRANSFER_MODEL_OFFLINE_ONLY)
         self.config = config
         self._trace = replay_order(requests, config.limit)
         self._hash_config = BlockHashConfig(config.block_size, config.hash_seed)
         self._oracle = OracleCache(config.block_size)
         self._tally = Tally()
+        self._ttft_at_decode: list[float] = []
+        self._cluster: LiveCluster | None = None
+        self.left: dict[str, list[str]] = {}  # what each worker held at the end (module doc)
 
     async def run(self) -> ReplayReport:
+        if self._cluster is not None:
+            raise RuntimeError("an OnlineReplay runs once; build a new one to replay again")
         wall0 = time.perf_counter()
-        cluster = _Cluster(self.config)
+        self._cluster = cluster = LiveCluster(self.config)
         try:
             frontend = await cluster.start()
             await self._send_all(frontend)
-            stats = cluster.routing.stats().router
-            preemptions = cluster.preemptions()
+            self.left = await cluster.wait_drained(_DRAIN_TIMEOUT_S)
+            report = self._report(cluster, time.perf_counter() - wall0)
         finally:
             await cluster.stop()
-        return self._report(stats, dict(cluster.per_worker), preemptions,
-                            time.perf_counter() - wall0)
+        left = {w: problems for w, problems in self.left.items() if problems}
+        if left:
+            raise RuntimeError("workers not drained at the end of the replay: " + "; ".join(
+                f"{w}: {', '.join(problems)}" for w, problems in left.items()))
+        return report
 
-    async def _send_all(self, frontend: Frontend) -> None:
+    async def _send_all(self, frontend: ReplayFrontend) -> None:
         speedup = self.config.speedup
         t0 = time.perf_counter() + 0.05
         tasks: list[asyncio.Task] = []
@@ -204,7 +126,7 @@ class OnlineReplay:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _one(self, frontend: Frontend, k: int, tokens: list[int], out_len: int,
+    async def _one(self, frontend: ReplayFrontend, k: int, tokens: list[int], out_len: int,
                    oracle_blocks: int) -> None:
         tally = self._tally
         arrival = time.perf_counter()
@@ -235,6 +157,8 @@ class OnlineReplay:
                     n_out += n
                 if chunk.finish_reason is not None:
                     final = chunk
+        route_id = frontend.route_ids.pop(inp.request_id, "")
+        started = self._cluster.decode_started.pop(route_id, first)  # type: ignore[union-attr]
         ok = (final is not None and final.error is None and n_out == out_len
               and final.finish_reason in (FinishReason.LENGTH, FinishReason.STOP))
         if not ok or first is None:
@@ -242,15 +166,42 @@ class OnlineReplay:
             return
         tally.ttft.append(first - arrival)
         tally.itl.extend(itl)
+        self._ttft_at_decode.append((started or first) - arrival)
         tally.complete(last, arrival, len(tokens), final.usage.cached_tokens,
                        oracle_blocks * self.config.block_size, n_out)
 
-    def _report(self, stats: RouterStats, per_worker: dict[str, int], preemptions: int,
-                wall_s: float) -> ReplayReport:
-        n = len(self._trace)
+    def _report(self, cluster: LiveCluster, wall_s: float) -> ReplayReport:
+        c, n = self.config, len(self._trace)
+        stats = cluster.routing.stats()  # type: ignore[union-attr]
+        summary = self._disagg_summary(cluster, stats.disagg_decisions,
+                                       stats.router.requests) if c.disaggregated else None
         return self._tally.report(
-            self.config, mode="online", requests=n, failed=n - self._tally.completed,
-            preemptions=preemptions, router=RouterSummary.of(stats, per_worker), wall_s=wall_s)
+            c, mode="online", requests=n, failed=n - self._tally.completed,
+            preemptions=cluster.preemptions(),
+            router=RouterSummary.of(stats.router, cluster.per_worker), wall_s=wall_s,
+            disagg=summary)
+
+    def _disagg_summary(self, cluster: LiveCluster, by_reason: dict[str, int], routed: int
+                        ) -> DisaggSummary:
+        c, imports = self.config, cluster.imports
+        decisions = {r.value: by_reason.get(r.value, 0) for r in DisaggReason}
+        remote = decisions[DisaggReason.LONG_PREFILL.value]
+        transports: dict[str, int] = {}
+        for server in cluster.servers.values():
+            if server.importer is not None:
+                for name, count in server.importer.pulls_by_transport.items():
+                    transports[name] = transports.get(name, 0) + count
+        return DisaggSummary(
+            prefill_workers=c.prefill_workers or 0, decode_workers=c.decode_workers or 0,
+            decisions=decisions, remote=remote, local=routed - remote,
+            pulls=len(imports.seconds), pulled_blocks=imports.pulled_blocks,
+            skipped_blocks=imports.skipped_blocks, no_room=imports.no_room, transfer_bytes=0,
+            transfer=LatencySummary.of_seconds(imports.seconds),
+            ttft_at_decode=LatencySummary.of_seconds(self._ttft_at_decode),
+            kv_bytes_per_token=None, bandwidth_gb_s=None,
+            prefill_requests_per_worker=cluster.pool(WorkerRole.PREFILL),
+            decode_requests_per_worker=cluster.pool(WorkerRole.DECODE),
+            pulls_failed=imports.failed, pulls_by_transport=transports)
 
 
 def run_online(config: ReplayConfig, requests: Sequence[TraceRequest] | None = None
@@ -264,4 +215,4 @@ def run_online(config: ReplayConfig, requests: Sequence[TraceRequest] | None = N
     return asyncio.run(OnlineReplay(config, requests).run())
 
 
-__all__ = ["OnlineReplay", "TokenIdTokenizer", "run_online"]
+__all__ = ["OnlineReplay", "run_online"]

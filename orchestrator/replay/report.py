@@ -28,7 +28,11 @@ Definitions (times in ms of the replay's clock: virtual for offline, wall for on
   transfer model's), the handle blocks the decode worker already held (not pulled), pulls
   refused for want of free blocks (the decode worker prefilled instead), and the pull
   durations; ``ttft_at_decode``: TTFT as if the first token counted only when a decode worker
-  produces a token (after the pull; NVIDIA Dynamo's mocker replay counts it so).
+  produces a token (after the pull; NVIDIA Dynamo's mocker replay counts it so). Online, the
+  pulls are the decode workers' real imports over gRPC (blocks pulled, held already, no room,
+  failed, by transport) and their durations are measured, from the decode worker taking the
+  handle to the blocks in its cache; no KV bytes move (the mocker's cache has none), so the
+  bytes are 0 and the transfer model's fields None.
 """
 
 from __future__ import annotations
@@ -95,14 +99,17 @@ class DisaggSummary:
     pulled_blocks: int
     skipped_blocks: int  # handle blocks the decode worker already cached
     no_room: int  # imports refused for want of free blocks (prefilled on the decode worker)
-    transfer_bytes: int
-    transfer: LatencySummary  # pull durations
+    transfer_bytes: int  # online: 0 (the mocker's KV cache has no bytes)
+    transfer: LatencySummary  # pull durations (online: each import's, measured)
     ttft_at_decode: LatencySummary  # completed requests: arrival to a token from the decode
     # worker (remote: its first, after the pull; one-token requests and local: the first)
-    kv_bytes_per_token: int
-    bandwidth_gb_s: float
+    kv_bytes_per_token: int | None  # the transfer model's; None online (pulls are real)
+    bandwidth_gb_s: float | None
     prefill_requests_per_worker: dict[str, int] = field(default_factory=dict)
     decode_requests_per_worker: dict[str, int] = field(default_factory=dict)
+    pulls_failed: int = 0  # online: pulls that failed (the decode worker prefilled instead)
+    pulls_by_transport: dict[str, int] = field(default_factory=dict)  # online: successful
+    # pulls by the transport that moved them (the decode workers' Stats)
 
     def rows(self) -> list[tuple[str, str]]:
         d = self.decisions
@@ -114,16 +121,23 @@ class DisaggSummary:
                                + (f", {d['prefill_failed']} fell back to local"
                                   if d.get("prefill_failed") else "")),
             ("local prefill", f"{self.local}" + (f" ({_reasons(d, local)})" if local else "")),
-            ("KV pulls", (f"{self.pulls}: {self.pulled_blocks} blocks, "
-                          f"{self.transfer_bytes / 1e9:.2f} GB at {_num(self.bandwidth_gb_s)} "
-                          f"GB/s; {self.skipped_blocks} blocks held already"
-                          + (f"; {self.no_room} without room" if self.no_room else ""))),
-            ("pull time mean / p99", f"{t.mean_ms:.2f} / {t.p99_ms:.2f} ms"),
+            ("KV pulls", f"{self.pulls}: {self._moved()}; {self.skipped_blocks} blocks held "
+                         "already" + (f"; {self.no_room} without room" if self.no_room else "")
+                         + (f"; {self.pulls_failed} failed" if self.pulls_failed else "")),
+            ("pull time mean / p99" if self.bandwidth_gb_s is not None
+             else "KV import mean / p99", f"{t.mean_ms:.2f} / {t.p99_ms:.2f} ms"),
             ("TTFT at decode mean / p99", (f"{self.ttft_at_decode.mean_ms:.1f} / "
                                            f"{self.ttft_at_decode.p99_ms:.1f} ms")),
             ("requests per prefill worker", _spread(self.prefill_requests_per_worker)),
             ("requests per decode worker", _spread(self.decode_requests_per_worker)),
         ]
+
+    def _moved(self) -> str:
+        if self.bandwidth_gb_s is not None:  # the offline transfer model
+            return (f"{self.pulled_blocks} blocks, {self.transfer_bytes / 1e9:.2f} GB at "
+                    f"{_num(self.bandwidth_gb_s)} GB/s")
+        over = ", ".join(f"{n} over {name}" for name, n in sorted(self.pulls_by_transport.items()))
+        return f"{self.pulled_blocks} blocks ({over or 'none moved'}; mocker: no KV bytes)"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""``ferry replay --offline --prefill-workers P --decode-workers D``: the flags reach the config,
-bad combinations exit 2 with a message naming the fix, and the report shows the decisions."""
+"""``ferry replay [--offline] --prefill-workers P --decode-workers D``: the flags reach the
+config, bad combinations exit 2 with a message naming the fix, and the report shows the
+decisions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import pytest
 
 from orchestrator.commands import replay as replay_cmd
-from orchestrator.replay.config import DISAGG_ONLINE_NOT_SUPPORTED
+from orchestrator.replay.config import TRANSFER_MODEL_OFFLINE_ONLY
 from orchestrator.replay.transfer import KvTransferModel
 from router.disagg import DisaggConfig
 
@@ -59,7 +60,8 @@ def test_disagg_flags_reach_the_config():
     (["--offline", "--workers", "2", "--max-local-prefill-tokens", "0",
       "--max-prefill-queue-tokens", "none"],
      "--max-local-prefill-tokens, --max-prefill-queue-tokens only apply to a disaggregated"),
-    (["--prefill-workers", "1", "--decode-workers", "1"], DISAGG_ONLINE_NOT_SUPPORTED),
+    (["--prefill-workers", "1", "--decode-workers", "1", "--kv-bytes-per-token", "1000"],
+     TRANSFER_MODEL_OFFLINE_ONLY),
     (["--offline", "--prefill-workers", "1", "--decode-workers", "1", "--kv-transfer-gbps",
       "0"], "kv transfer bandwidth must be a number of GB/s > 0"),
     (["--offline", "--prefill-workers", "1", "--decode-workers", "1",
