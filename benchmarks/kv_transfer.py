@@ -13,7 +13,11 @@ process plays the decode worker, with its own KV caches. Interleaved, ``--reps``
   connection (kept open), sent straight from the holder's cache memory (``sendmsg`` of the
   block's pieces) and received straight into the destination blocks (``recv_into``): one
   kernel copy on each side, no framing, no checksum. Any TCP-based transport, gRPC included,
-  stays below it; on a small machine it is itself far below a memory copy.
+  stays below it; on a small machine it is itself far below a memory copy;
+- bare: not a Ferry transport but grpcio's own ceiling: one gRPC server stream of raw bytes
+  messages (a generic handler, no protobuf, no checks), one message per block joined from its
+  pieces on the holder, copied into the destination blocks on the puller. Ferry's gRPC pull
+  cannot beat what the library moves with nothing around it.
 
 A first pull of each kind is a warm-up, not counted (it opens the gRPC channel and maps the
 segment: a decode worker keeps both for later pulls). Pull times are wall time around
@@ -33,10 +37,13 @@ joins each chunk into one ``bytes`` (one copy plus the crc32, about 18 % of its 
 copies it again into its own buffer (grpcio 1.85 has no zero-copy send from Python), then the
 kernel copies it into the socket, all on the event-loop thread. Neither more streams (2, 4)
 nor other chunk sizes (1, 2, 4 MiB), read sizes or ``grpc.optimization_target`` changed the
-rates beyond the noise here; on this machine the plain TCP ceiling itself is 15-21 % of a
-memory copy, so the 20 % target for gRPC is out of reach on it.
+rates beyond the noise here. grpcio itself is the limit: its bare stream of raw bytes (the
+``bare`` row: no protobuf, no checks, nothing of Ferry's) moves no more than Ferry's pull
+(64 MiB, load ~3.9: bare 1.27 GB/s = 10 % of a copy, Ferry's grpc 1.46 = 12 %, plain TCP 26 %),
+so the 20 % target for gRPC is out of reach on this machine with grpcio.
 
-Run: .venv/bin/python benchmarks/kv_transfer.py [--sizes 64M,1G] [--reps 5] [--pulls shm,grpc,tcp]
+Run: .venv/bin/python benchmarks/kv_transfer.py [--sizes 64M,1G] [--reps 5]
+    [--pulls shm,grpc,bare,tcp]
 """
 
 from __future__ import annotations
@@ -54,10 +61,11 @@ import statistics
 import time
 import uuid
 
+import grpc
 import torch
 
 from kvcache.transfer.chunk_codec import CRC32_IMPL, crc32
-from kvcache.transfer.grpc_transport import close_channels
+from kvcache.transfer.grpc_transport import CHANNEL_OPTIONS, close_channels
 from kvcache.transfer.layout import KvCacheView, KvLayout
 from kvcache.transfer.puller import pull
 from kvcache.transfer.shm import detach_all
@@ -94,8 +102,15 @@ def holder_main(layout_dict: dict, name: str, commands, replies) -> None:
     from kvcache.transfer.shm import SharedKvArena
 
     tune_malloc()
+    arena = None
+
+    async def bare_stream(request: bytes, context):
+        layers = arena.view.layout.num_layers
+        for b in range(arena.view.layout.num_blocks):
+            yield b"".join(memoryview(p).cast("B") for p in arena.view.block_pieces(b, 0, layers))
 
     async def main() -> None:
+        nonlocal arena
         layout = KvLayout.from_dict(layout_dict)
         arena = SharedKvArena.create(name, layout)
         g = torch.Generator().manual_seed(0)
@@ -106,12 +121,15 @@ def holder_main(layout_dict: dict, name: str, commands, replies) -> None:
         servicer = KvTransferServicer(registry, arena.view)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         servicer.add_to_server(server)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "bench.Bare", {"Pull": grpc.unary_stream_rpc_method_handler(bare_stream)}),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         grpc_address = f"127.0.0.1:{port}"
         block_ids = list(range(layout.num_blocks))
         listener = socket.create_server(("127.0.0.1", 0))
-        replies.put(("ready", blocks_crc(arena.view, block_ids), listener.getsockname()[1]))
+        replies.put(("ready", blocks_crc(arena.view, block_ids), listener.getsockname()[1],
+                     grpc_address))
         loop = asyncio.get_running_loop()
         conn = None
         while True:
@@ -120,6 +138,9 @@ def holder_main(layout_dict: dict, name: str, commands, replies) -> None:
                 break
             if command == "cpu":
                 replies.put(cpu_seconds())
+                continue
+            if command == "bare":
+                replies.put("bare")
                 continue
             if command == "tcp":
                 replies.put("tcp")
@@ -168,6 +189,20 @@ def tcp_receive(conn: socket.socket, view: KvCacheView, block_ids) -> None:
                     targets.pop(0)
 
 
+async def bare_receive(channel, view: KvCacheView, block_ids) -> None:
+    """Read the bare stream, each message (one block) copied into the block's pieces."""
+    call = channel.unary_stream("/bench.Bare/Pull")
+    layers = view.layout.num_layers
+    it = iter(block_ids)
+    async for message in call(b""):
+        data = memoryview(message)
+        offset = 0
+        for piece in view.block_pieces(next(it), 0, layers):
+            target = memoryview(piece).cast("B")
+            target[:] = data[offset:offset + target.nbytes]
+            offset += target.nbytes
+
+
 def local_copy(src: list[torch.Tensor], dst: list[torch.Tensor]) -> float:
     started = time.perf_counter()
     for s, d in zip(src, dst):
@@ -187,15 +222,17 @@ def run_size(nbytes: int, reps: int, args) -> list[tuple[str, list[float]]]:
                        daemon=True)
     proc.start()
     try:
-        state, expected_crc, tcp_port = replies.get(timeout=600)
+        state, expected_crc, tcp_port, grpc_address = replies.get(timeout=600)
         assert state == "ready"
         tcp_conn: socket.socket | None = None
+        bare_channel = None
         dest = KvCacheView([torch.zeros(layout.layer_shape, dtype=torch.float16)
                             for _ in range(layout.num_layers)], layout.block_size)
         local = [torch.ones(layout.layer_shape, dtype=torch.float16)
                  for _ in range(layout.num_layers)]
         block_ids = list(range(num_blocks))
-        times: dict[str, list[float]] = {"copy": [], "shm": [], "grpc": [], "tcp": []}
+        times: dict[str, list[float]] = {"copy": [], "shm": [], "grpc": [], "tcp": [],
+                                         "bare": []}
         cpu: dict[str, list[float]] = {k: [0.0, 0.0] for k in times}  # [decode, prefill] s
 
         def holder_cpu() -> float:
@@ -203,16 +240,20 @@ def run_size(nbytes: int, reps: int, args) -> list[tuple[str, list[float]]]:
             return replies.get(timeout=60)
 
         async def one_pull(kind: str) -> float:
-            nonlocal tcp_conn
+            nonlocal tcp_conn, bare_channel
             dest.caches[0].numpy().fill(0)  # a real change between pulls, checked below
             if kind == "tcp" and tcp_conn is None:
                 tcp_conn = socket.create_connection(("127.0.0.1", tcp_port))
+            if kind == "bare" and bare_channel is None:
+                bare_channel = grpc.aio.insecure_channel(grpc_address, options=CHANNEL_OPTIONS)
             prefill_cpu, decode_cpu = holder_cpu(), cpu_seconds()
             commands.put(kind)
             info = replies.get(timeout=60)
             started = time.perf_counter()
             if kind == "tcp":
                 tcp_receive(tcp_conn, dest, block_ids)
+            elif kind == "bare":
+                await bare_receive(bare_channel, dest, block_ids)
             else:
                 result = await pull(info, dest, block_ids, timeout_s=600)
                 assert result.transport == kind and result.released, result
@@ -234,6 +275,8 @@ def run_size(nbytes: int, reps: int, args) -> list[tuple[str, list[float]]]:
                 for kind in args.pulls:
                     times[kind].append(await one_pull(kind))
             await close_channels()
+            if bare_channel is not None:
+                await bare_channel.close()
 
         try:
             asyncio.run(main())
@@ -263,12 +306,13 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8, help="KV heads")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--pulls", default="shm,grpc,tcp",
-                        help="what to measure: shm, grpc, tcp (the plain TCP ceiling)")
+    parser.add_argument("--pulls", default="shm,grpc,bare,tcp",
+                        help="what to measure: shm, grpc, bare (grpcio's own ceiling), tcp "
+                             "(the plain TCP ceiling)")
     args = parser.parse_args()
     args.pulls = [p for p in args.pulls.split(",") if p]
-    if not set(args.pulls) <= {"shm", "grpc", "tcp"}:
-        parser.error("--pulls takes shm, grpc and/or tcp")
+    if not set(args.pulls) <= {"shm", "grpc", "bare", "tcp"}:
+        parser.error("--pulls takes shm, grpc, bare and/or tcp")
     per_block = args.layers * 2 * args.block_size * args.heads * args.head_dim * 2
     print(f"KV layout: {args.layers} layers x {args.heads} KV heads x {args.head_dim} dims, "
           f"float16, {args.block_size} tokens per block ({per_block / MiB:.2f} MiB per block); "
