@@ -66,7 +66,6 @@ from workers.server.worker import WorkerConfig, WorkerRole, WorkerServer
 
 MODEL_NAME = "ferry-replay-mocker"
 READY_TIMEOUT_S = 30.0
-_NO_ROOM = "no free blocks for the pull"  # ImportOutcome.local_reason (workers.server.disagg)
 
 
 class TokenIdTokenizer:
@@ -120,7 +119,7 @@ class ImportLog:
         if outcome.pulled_blocks:
             self.seconds.append(seconds)
             self.pulled_blocks += outcome.pulled_blocks
-        elif outcome.local_reason == _NO_ROOM:
+        elif outcome.no_room:
             self.no_room += 1
         elif outcome.local_reason is not None:
             self.failed += 1

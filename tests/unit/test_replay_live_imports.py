@@ -14,7 +14,7 @@ def test_each_outcome_lands_in_its_count():
     log = ImportLog()
     log.add(ImportOutcome(6, 2, None), 0.010)  # pulled 6 blocks, 2 held already
     log.add(ImportOutcome(0, 5, None), 0.001)  # every block held: nothing to pull
-    log.add(ImportOutcome(0, 1, "no free blocks for the pull"), 0.002)
+    log.add(ImportOutcome(0, 1, "no free blocks for the pull", no_room=True), 0.002)
     log.add(ImportOutcome(0, 0, "pull failed: holder gone"), 0.003)
     log.add(ImportOutcome(3, 0, None), 0.030)
     assert log.seconds == [0.010, 0.030]

@@ -158,6 +158,7 @@ class ImportOutcome:
     pulled_blocks: int  # blocks whose KV came from the holder
     skipped_blocks: int  # handle blocks this worker already cached
     local_reason: str | None  # why (part of) the prompt is prefilled locally; None: it is not
+    no_room: bool = False  # nothing pulled: no free blocks for the pull on this worker
 
 
 class KvImporter:
@@ -204,7 +205,7 @@ class KvImporter:
         if plan.hold_id is None:
             self._release_on_holder(info)
             reason = "no free blocks for the pull" if plan.no_room else None
-            return ImportOutcome(0, plan.skip_blocks, reason)
+            return ImportOutcome(0, plan.skip_blocks, reason, no_room=plan.no_room)
         src = tuple(info.block_ids[plan.skip_blocks:])
         try:
             result = await pull(info, self.view, plan.dest_block_ids, src_block_ids=src,
