@@ -28,14 +28,27 @@ machine, p50 added latency < 5 ms, for HTTP and gRPC; the last lines say whether
 with the cores other processes took and a CPU-bound estimate (cores / CPU ms per request).
 
 Where the time goes (64 streams, nothing else running): the engine itself ~0.4-0.55 ms of
-CPU per request; the load generator ~0.1-0.2; a frontend ~0.45-0.6 over HTTP and ~0.9-1.1
-over gRPC (grpc.aio's server costs ~0.5 ms a call); the worker ~0.4-0.9 (the engine at the
-batch it gets, plus its GenerateStream: one message per frontend request, one per ~1 ms of
-output). Costs per stream message are what the design avoids: a frontend-worker gRPC call
-per request used to cost ~0.5 ms on each side (hence GenerateStream), every SSE write or
-gRPC message ~0.1 ms on the sender and the reader (hence 20 ms stream pacing and fewer,
-coalesced writes). A slow frontend also starves the engine of batch (requests wait in the
-frontend instead), which makes the worker dearer per request: the numbers move together.
+CPU per request; the load generator ~0.1-0.2; a frontend ~0.3-0.6 over HTTP and ~0.5-0.75
+over gRPC; the worker ~0.3-0.8 (the engine at the batch it gets, plus its GenerateStream: one
+message per frontend request, at most one per 0.5 ms of output). Costs per stream message
+are what the design avoids: a frontend-worker gRPC call per request used to cost ~0.5 ms on
+each side (hence GenerateStream), every SSE write or gRPC message ~0.1 ms on the sender and
+the reader (hence 20 ms stream pacing and fewer, coalesced writes). A slow frontend also
+starves the engine of batch (requests wait in the frontend instead), which makes the worker
+dearer per request: the numbers move together.
+
+grpc.aio is the floor of the gRPC path: every operation of a call (accepting it, reading the
+request, each message written, the status, the watch for a cancel) completes on grpc's poller
+thread, which wakes the event loop through a socket, and each is a hop on the request's
+critical path. A bare grpc.aio server streaming two messages costs ~0.3-0.4 ms of CPU a call
+at 1,000 calls/s (~0.2 at saturation, where wakeups batch); hence Generate is served as a
+unary method (one operation less: orchestrator/frontend/grpc_api.py). Setting
+``GRPC_EXPERIMENTS=-event_engine_listener,-event_engine_client,-event_engine_for_all_other_endpoints``
+in the environment (it reaches every process started here; it must be set before Python
+imports grpc) has grpc do its socket I/O on that poller thread instead of handing it over from
+EventEngine threads, one thread hop less per operation: here it cut the gRPC frontend's CPU
+per request by 10-30 % and the p50 at 1,000 requests/s by ~3 ms. ``ferry serve`` does not set
+it.
 
 Processes, all on 127.0.0.1 (see benchmarks/serve_procs.py and benchmarks/serve_load.py):
 one mocker worker (``serve_procs.py worker``: WorkerServer over a mocker LLMEngine, timing
