@@ -4,6 +4,7 @@ failures, retry on another worker, and cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -170,6 +171,54 @@ def test_cancelling_generate_cancels_the_worker_call(stub, stack):
         stack.worker.token_delay_s = 0.0
     record = stack.worker.find(prompt)[0]
     assert record.outcome == "cancelled" and len(record.tokens_sent) < 100
+
+
+def test_deadline_ends_generate_and_cancels_the_worker_call(stub, stack):
+    stack.worker.token_delay_s = 0.05
+    try:
+        call = stub.Generate(client_pb2.GenerateRequest(
+            text="deadline me", sampling=common_pb2.SamplingParams(max_tokens=100,
+                                                                    ignore_eos=True)),
+            timeout=0.5)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(call)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        prompt = stack.tokenizer.encode("deadline me", add_special_tokens=True)
+        deadline = time.monotonic() + 10
+        while not stack.worker.find(prompt)[0].ended.is_set():
+            assert time.monotonic() < deadline, "the worker call was not cancelled"
+            time.sleep(0.02)
+    finally:
+        stack.worker.token_delay_s = 0.0
+    record = stack.worker.find(prompt)[0]
+    assert record.outcome == "cancelled" and 0 < len(record.tokens_sent) < 100
+
+
+def test_an_async_client_reads_chunks_as_they_come(stack):
+    """Generate is served as a unary method (grpc_api.py): a grpc.aio client still gets a
+    server stream, each chunk as the worker makes it, then status OK."""
+    stack.worker.token_delay_s = 0.05
+
+    async def read() -> tuple[list, list[float], grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(stack.grpc_address) as channel:
+            call = client_pb2_grpc.FerryStub(channel).Generate(client_pb2.GenerateRequest(
+                text="one by one", sampling=common_pb2.SamplingParams(max_tokens=4)),
+                timeout=20)
+            chunks, times = [], []
+            async for chunk in call:
+                chunks.append(chunk)
+                times.append(time.monotonic())
+            return chunks, times, await call.code()
+
+    try:
+        chunks, times, code = asyncio.run(read())
+    finally:
+        stack.worker.token_delay_s = 0.0
+    assert code == grpc.StatusCode.OK
+    _check_protocol(chunks)
+    assert [t for c in chunks for t in c.token_ids] == stack.reply_ids[:4]
+    assert len(chunks) >= 2 and chunks[-1].finish_reason == LENGTH
+    assert times[-1] - times[0] > 0.1  # streamed, not gathered and sent at the end
 
 
 def test_tokenize(stub, stack):
