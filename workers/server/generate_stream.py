@@ -128,7 +128,8 @@ class StreamSession:
                     req = self._requests.pop(rid, None)
                     if req is not None and req.sub is not None:
                         req.sub.cancel()
-                self._poke()
+                if self._out or msg.cancel:  # refusals to send, or maybe no request left;
+                    self._poke()  # a started request wakes the writer with its first output
         except asyncio.CancelledError:
             raise
         except Exception:  # the call broke
