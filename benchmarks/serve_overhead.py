@@ -30,7 +30,7 @@ with the cores other processes took and a CPU-bound estimate (cores / CPU ms per
 Where the time goes (64 streams, nothing else running): the engine itself ~0.4-0.55 ms of
 CPU per request; the load generator ~0.1-0.2; a frontend ~0.3-0.6 over HTTP and ~0.5-0.75
 over gRPC; the worker ~0.3-0.8 (the engine at the batch it gets, plus its GenerateStream: one
-message per frontend request, at most one per 0.5 ms of output). Costs per stream message
+message per frontend request, at most one per ~1 ms of output). Costs per stream message
 are what the design avoids: a frontend-worker gRPC call per request used to cost ~0.5 ms on
 each side (hence GenerateStream), every SSE write or gRPC message ~0.1 ms on the sender and
 the reader (hence 20 ms stream pacing and fewer, coalesced writes). A slow frontend also
@@ -46,9 +46,11 @@ unary method (one operation less: orchestrator/frontend/grpc_api.py). Setting
 ``GRPC_EXPERIMENTS=-event_engine_listener,-event_engine_client,-event_engine_for_all_other_endpoints``
 in the environment (it reaches every process started here; it must be set before Python
 imports grpc) has grpc do its socket I/O on that poller thread instead of handing it over from
-EventEngine threads, one thread hop less per operation: here it cut the gRPC frontend's CPU
-per request by 10-30 % and the p50 at 1,000 requests/s by ~3 ms. ``ferry serve`` does not set
-it.
+EventEngine threads, one thread hop less per operation: here (medians of 8 runs) it cut the
+gRPC frontend's CPU per request by 10-15 % and the added p50 at 1,000 requests/s by ~2 ms.
+``ferry serve`` does not set it. Runs of the same code vary a lot on this 2-core VM (64
+streams over gRPC: 1,000-1,700 requests/s closed loop, +p50 3-40 ms), even with nothing else
+running: compare medians of several runs.
 
 Processes, all on 127.0.0.1 (see benchmarks/serve_procs.py and benchmarks/serve_load.py):
 one mocker worker (``serve_procs.py worker``: WorkerServer over a mocker LLMEngine, timing

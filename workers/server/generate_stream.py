@@ -18,11 +18,7 @@ GenerateStream protocol"). One :class:`StreamSession` serves one such call:
   GenerateStreamResponse, one chunk per request (its deltas merged), at most one message per
   ``gap_s`` (a message costs about 0.1 ms of CPU on each side: under load, what comes within
   the gap joins the message). While a write waits for the frontend to read, new outputs
-  accumulate and go in the next message. The gap is short (0.5 ms) because it is paid in
-  latency twice per request (its first chunk and its last) and an asyncio sleep lasts at
-  least its loop's timer resolution (1 ms on asyncio's own loop when nothing else wakes it):
-  with 1 ms, 64 streams at 1,000 requests/s took 2-3 ms longer at p50 on the serving
-  benchmark, for no CPU saved (benchmarks/serve_overhead.py).
+  accumulate and go in the next message.
 - end: when the frontend half-closed (or the worker drains, :meth:`StreamSession.drain`) and
   no request is left, the handler returns (the call ends OK). When the call ends any other
   way (cancelled, connection lost, a failure here), every request still running is aborted.
@@ -44,7 +40,7 @@ from workers.server.convert import chunk_from_output, engine_request_from_proto
 log = logging.getLogger(__name__)
 
 # At most one message per this many seconds (a message costs ~0.1 ms of CPU on each side).
-MESSAGE_GAP_S = 0.0005
+MESSAGE_GAP_S = 0.001
 DISAGG_ON_STREAM = ("prefill_only and remote_prefill requests are not taken on "
                     "GenerateStream; send them with Generate")
 DRAINING = "the worker is shutting down; send the request to another worker"
