@@ -48,7 +48,10 @@ in the environment (it reaches every process started here; it must be set before
 imports grpc) has grpc do its socket I/O on that poller thread instead of handing it over from
 EventEngine threads, one thread hop less per operation: here (medians of 8 runs) it cut the
 gRPC frontend's CPU per request by 10-15 % and the added p50 at 1,000 requests/s by ~2 ms.
-``ferry serve`` does not set it. Runs of the same code vary a lot on this 2-core VM (64
+``ferry serve`` does not set it: Ray's own gRPC, loaded in the same processes, logs
+``Unknown experiment: event_engine_for_all_other_endpoints`` at start, and in 3 more paired
+runs the gain was within the noise (+p50 2.6 / 6.0 / 6.7 ms with it, 10.7 / 5.0 / 7.2 without;
+with only the two experiments Ray knows: 8.4 / 15.4 / 4.8). Runs of the same code vary a lot on this 2-core VM (64
 streams over gRPC: 1,000-1,700 requests/s closed loop, +p50 3-40 ms), even with nothing else
 running: compare medians of several runs.
 
