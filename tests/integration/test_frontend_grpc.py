@@ -153,6 +153,16 @@ def test_resource_exhausted_retries_on_another_worker(stub, stack):
     assert stub.Health(client_pb2.HealthRequest()).num_ready_workers == 1
 
 
+def worker_call_ended(stack, text: str, timeout_s: float = 10.0):
+    """The fake worker's record of the call for ``text``, once that call has ended."""
+    prompt = stack.tokenizer.encode(text, add_special_tokens=True)
+    deadline = time.monotonic() + timeout_s
+    while not stack.worker.find(prompt)[0].ended.is_set():
+        assert time.monotonic() < deadline, "the worker call was not cancelled"
+        time.sleep(0.02)
+    return stack.worker.find(prompt)[0]
+
+
 def test_cancelling_generate_cancels_the_worker_call(stub, stack):
     stack.worker.token_delay_s = 0.05
     try:
@@ -162,14 +172,9 @@ def test_cancelling_generate_cancels_the_worker_call(stub, stack):
         first = next(call)
         assert first.token_ids == stack.reply_ids[:1]
         call.cancel()
-        prompt = stack.tokenizer.encode("cancel me", add_special_tokens=True)
-        deadline = time.monotonic() + 10
-        while not stack.worker.find(prompt)[0].ended.is_set():
-            assert time.monotonic() < deadline, "the worker call was not cancelled"
-            time.sleep(0.02)
+        record = worker_call_ended(stack, "cancel me")
     finally:
         stack.worker.token_delay_s = 0.0
-    record = stack.worker.find(prompt)[0]
     assert record.outcome == "cancelled" and len(record.tokens_sent) < 100
 
 
@@ -183,14 +188,9 @@ def test_deadline_ends_generate_and_cancels_the_worker_call(stub, stack):
         with pytest.raises(grpc.RpcError) as raised:
             list(call)
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        prompt = stack.tokenizer.encode("deadline me", add_special_tokens=True)
-        deadline = time.monotonic() + 10
-        while not stack.worker.find(prompt)[0].ended.is_set():
-            assert time.monotonic() < deadline, "the worker call was not cancelled"
-            time.sleep(0.02)
+        record = worker_call_ended(stack, "deadline me")
     finally:
         stack.worker.token_delay_s = 0.0
-    record = stack.worker.find(prompt)[0]
     assert record.outcome == "cancelled" and 0 < len(record.tokens_sent) < 100
 
 
