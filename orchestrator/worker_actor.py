@@ -99,7 +99,8 @@ def build_engine(spec: WorkerSpec):
 
 
 class WorkerActor:
-    """Wrapped with ``ray.remote`` by the control plane (this module does not import ray)."""
+    """Wrapped with ``ray.remote`` by the control plane (this module imports ray only inside the
+    actor, for its node address)."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         from kvcache.transfer.tuning import tune_malloc
@@ -114,8 +115,14 @@ class WorkerActor:
     async def start(self) -> WorkerEndpoint:
         from workers.server.worker import WorkerConfig, WorkerServer
 
+        advertise = None
+        if self.spec.host in ("0.0.0.0", "::", "[::]"):  # others dial this node's address
+            import ray  # in the actor's process, which Ray started
+
+            advertise = ray.util.get_node_ip_address()
         config = WorkerConfig(worker_id=self.spec.worker_id, model=self.spec.served_model_name,
                               role=self.spec.role, host=self.spec.host, port=0,
+                              advertise_host=advertise,
                               nats_url=self.spec.nats_url, kv_transport=self.spec.kv_transport)
         self.server = WorkerServer(self.engine, config, kv_arena=self.kv_arena)
         address = await self.server.start()

@@ -374,3 +374,32 @@ def test_load_reports_show_a_running_request(nats_server):
             await subscriber.close()
 
     run(main())
+
+
+def test_the_advertised_host_is_what_clients_and_kv_handles_dial():
+    async def main():
+        async with serving(fast_runner(), advertise_host="localhost") as (server, stub):
+            assert server.address == f"localhost:{server.address.rsplit(':', 1)[1]}"
+            info = await stub.Info(worker_pb2.InfoRequest())  # dialled through that name
+            assert info.worker_id == "w-test"
+            assert server.handles.transport_address.endswith(server.address)
+
+    run(main())
+
+
+@pytest.mark.parametrize("host, advertise, dialled", [
+    ("127.0.0.1", None, "127.0.0.1:7"),
+    ("0.0.0.0", None, "127.0.0.1:7"),  # one machine: loopback
+    ("0.0.0.0", "10.1.2.3", "10.1.2.3:7"),  # a cluster: the node's address
+    ("::", "fd00::5", "[fd00::5]:7"),
+])
+def test_dial_address(host, advertise, dialled):
+    from workers.server.worker import _dial_address
+
+    assert _dial_address(host, 7, advertise) == dialled
+
+
+@pytest.mark.parametrize("advertise", ["", "0.0.0.0", "::", 5])
+def test_a_wildcard_or_empty_advertise_host_is_refused(advertise):
+    with pytest.raises(ValueError, match="advertise_host must be an address other machines"):
+        WorkerConfig(worker_id="w", model="m", advertise_host=advertise)

@@ -67,6 +67,9 @@ class WorkerConfig:
     role: WorkerRole = WorkerRole.AGGREGATED  # a WorkerRole or its value ("prefill", ...)
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port
+    # the host others dial (frontends, decode workers pulling KV); None: ``host``, or
+    # 127.0.0.1 for a wildcard bind (0.0.0.0 / ::), which only suits one machine
+    advertise_host: str | None = None
     nats_url: str | None = None  # None: publish no events
     load_report_interval_s: float = 0.1  # at most one load report per interval
     load_heartbeat_s: float = 1.0  # a load report at least this often, changed or not
@@ -101,6 +104,12 @@ class WorkerConfig:
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"host must be an interface address such as '127.0.0.1', "
                              f"got {self.host!r}")
+        if self.advertise_host is not None and (not isinstance(self.advertise_host, str)
+                                                or not self.advertise_host
+                                                or self.advertise_host in _WILDCARDS):
+            raise ValueError(f"advertise_host must be an address other machines reach this "
+                             f"worker at (such as '10.0.0.5'), or None; got "
+                             f"{self.advertise_host!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) \
                 or not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535] (0 picks a free port), got {self.port!r}")
@@ -154,10 +163,16 @@ def _host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _dial_address(host: str, port: int) -> str:
-    """Where a client on this machine dials a server bound to ``host``."""
-    if host in ("0.0.0.0", "::", "[::]"):
-        host = "127.0.0.1"  # a wildcard bind is reachable on loopback
+_WILDCARDS = ("0.0.0.0", "::", "[::]")
+
+
+def _dial_address(host: str, port: int, advertise_host: str | None = None) -> str:
+    """Where clients dial a server bound to ``host``: ``advertise_host`` when given, else
+    ``host`` (a wildcard bind is reachable on loopback from this machine)."""
+    if advertise_host is not None:
+        host = advertise_host
+    elif host in _WILDCARDS:
+        host = "127.0.0.1"
     return _host_port(host, port)
 
 
@@ -275,7 +290,7 @@ class WorkerServer:
                           "port, or port 0 to let the system pick one")
         self._server = server
         await server.start()
-        self.address = _dial_address(cfg.host, port)
+        self.address = _dial_address(cfg.host, port, cfg.advertise_host)
         self.handles.start(transport_address=self.holder.address(self.address))
         if self._publisher is not None:
             self._load_task = loop.create_task(self._report_load())
