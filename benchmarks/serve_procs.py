@@ -37,10 +37,11 @@ import selectors
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from orchestrator.frontend_process import stop_event
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -90,25 +91,6 @@ def _announce(payload: dict) -> None:
     sys.stdout.flush()
 
 
-def _stop_event() -> asyncio.Event:
-    """Set on SIGTERM / SIGINT, or when the parent closes our stdin (or dies)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    def watch_stdin() -> None:
-        try:  # os.read, not sys.stdin: a buffered reader blocked here breaks interpreter exit
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
-        loop.call_soon_threadsafe(stop.set)
-
-    threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
-    return stop
-
-
 async def _worker_main(args: argparse.Namespace) -> None:
     from workers.server.worker import WorkerConfig, WorkerServer
 
@@ -118,7 +100,7 @@ async def _worker_main(args: argparse.Namespace) -> None:
     if args.stream_interval_ms is not None:
         config = dataclasses.replace(config, stream_interval_s=args.stream_interval_ms / 1000.0)
     server = WorkerServer(engine, config)
-    stop = _stop_event()
+    stop = stop_event()
     address = await server.start()
     _announce({"address": address, "pid": os.getpid()})
     await stop.wait()
@@ -130,7 +112,7 @@ async def _frontend_main(args: argparse.Namespace) -> None:
 
     info = load_model(args.model)
     frontend = Frontend(info.tokenizer, FrontendConfig(model_name=served_name(args.model, info)))
-    stop = _stop_event()
+    stop = stop_event()
     try:
         for i, address in enumerate(args.worker):
             await frontend.add_worker(f"w{i}", address)

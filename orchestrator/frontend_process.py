@@ -184,7 +184,7 @@ def _read_spec() -> FrontendSpec:
     return pickle.loads(b"".join(parts))
 
 
-def _stop_event() -> asyncio.Event:
+def stop_event() -> asyncio.Event:
     """Set on SIGTERM / SIGINT, or when the parent closes our stdin (or dies)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -193,7 +193,7 @@ def _stop_event() -> asyncio.Event:
 
     def watch_stdin() -> None:
         try:
-            while os.read(0, 4096):
+            while os.read(0, 4096):  # not sys.stdin: a buffered reader blocked here breaks exit
                 pass
         except OSError:
             pass
@@ -207,7 +207,7 @@ async def serve_child(spec: FrontendSpec) -> None:
     from orchestrator.frontend.server import FrontendServer
     from orchestrator.serve import serving_frontend
 
-    stop = _stop_event()
+    stop = stop_event()
     cfg = spec.cfg
     async with serving_frontend(cfg, spec.tokenizer, spec.workers, spec.nats_url) as (fe, _):
         server = FrontendServer(fe, host=cfg.host, http_port=spec.http_port,
