@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Self
 
 import grpc
@@ -31,6 +30,7 @@ from orchestrator.frontend.types import DisaggPlan
 from orchestrator.routing import RoutingConfig, RoutingService
 from router.disagg import PREFILL_KEY_SUFFIX, DisaggConfig, PoolRole
 from tests.helpers.tiny_model import make_tiny_llama, write_hf_folder
+from tests.helpers.waiting import wait_until
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
 from workers.engine.factory import build_torch_engine
@@ -59,14 +59,6 @@ def tiny_folder(tmp_path_factory):
     return write_hf_folder(make_tiny_llama(max_position_embeddings=256),
                            tmp_path_factory.mktemp("tiny"))
 
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
-                     what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 class Deployment:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import defaultdict
-from collections.abc import Callable
 
 import nats
 import pytest
@@ -16,6 +15,7 @@ from kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEventB
 from kvcache.wire import LoadReport
 from orchestrator.event_subscriber import EventSubscriber
 from orchestrator.nats_server import NatsServer, NatsServerError
+from tests.helpers.waiting import wait_until
 from tests.integration.conftest import child_nats_pids, pid_alive
 from workers.server.event_publisher import EventPublisher
 from workers.server.nats_link import Backoff, ensure_kv_stream
@@ -49,14 +49,6 @@ class Collector:
     def on_load(self, report: LoadReport) -> None:
         self.loads.append(report)
 
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

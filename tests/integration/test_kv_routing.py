@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
 from typing import Self
 
 import grpc
@@ -32,6 +31,7 @@ from orchestrator.serve import ServeConfig, serving_frontend
 from orchestrator.worker_actor import WorkerEndpoint
 from router.types import RouterMode
 from tests.helpers.fake_worker import write_tokenizer_folder
+from tests.helpers.waiting import wait_until
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
 from workers.mocker.clock import WallClock
@@ -63,14 +63,6 @@ def model_folder(tmp_path_factory):
 def tokenizer(model_folder) -> Tokenizer:
     return Tokenizer.from_hf_folder(model_folder)
 
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
-                     what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 def prompt(seed: int, n: int) -> tuple[int, ...]:
