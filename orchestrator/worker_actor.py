@@ -113,10 +113,10 @@ class WorkerActor:
         self.engine, self.kv_arena = build_engine(spec)
 
     async def start(self) -> WorkerEndpoint:
-        from workers.server.worker import WorkerConfig, WorkerServer
+        from workers.server.worker import WILDCARD_HOSTS, WorkerConfig, WorkerServer
 
         advertise = None
-        if self.spec.host in ("0.0.0.0", "::", "[::]"):  # others dial this node's address
+        if self.spec.host in WILDCARD_HOSTS:  # others dial this node's address
             import ray  # in the actor's process, which Ray started
 
             advertise = ray.util.get_node_ip_address()

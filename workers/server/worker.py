@@ -58,6 +58,9 @@ class WorkerRole(str, enum.Enum):
     DECODE = "decode"
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # binds that listen on every interface
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     """How one worker serves; validated when built (errors say what to change)."""
@@ -106,7 +109,7 @@ class WorkerConfig:
                              f"got {self.host!r}")
         if self.advertise_host is not None and (not isinstance(self.advertise_host, str)
                                                 or not self.advertise_host
-                                                or self.advertise_host in _WILDCARDS):
+                                                or self.advertise_host in WILDCARD_HOSTS):
             raise ValueError(f"advertise_host must be an address other machines reach this "
                              f"worker at (such as '10.0.0.5'), or None; got "
                              f"{self.advertise_host!r}")
@@ -163,15 +166,12 @@ def _host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-_WILDCARDS = ("0.0.0.0", "::", "[::]")
-
-
 def _dial_address(host: str, port: int, advertise_host: str | None = None) -> str:
     """Where clients dial a server bound to ``host``: ``advertise_host`` when given, else
     ``host`` (a wildcard bind is reachable on loopback from this machine)."""
     if advertise_host is not None:
         host = advertise_host
-    elif host in _WILDCARDS:
+    elif host in WILDCARD_HOSTS:
         host = "127.0.0.1"
     return _host_port(host, port)
 
@@ -381,4 +381,4 @@ class WorkerServer:
             self._publisher = None
 
 
-__all__ = ["WorkerConfig", "WorkerRole", "WorkerServer", "build_load_report"]
+__all__ = ["WILDCARD_HOSTS", "WorkerConfig", "WorkerRole", "WorkerServer", "build_load_report"]
