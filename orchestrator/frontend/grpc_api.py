@@ -5,21 +5,15 @@ reason and usage. A request rejected before any token (bad value, prompt too lon
 model, no worker) is answered with one such last chunk carrying FINISH_REASON_ERROR and an
 Error whose code is INVALID_ARGUMENT / NOT_FOUND / UNAVAILABLE; the RPC itself ends OK, so a
 client reads every outcome from the stream. The unary RPCs (Tokenize, ...) fail with the
-gRPC status of the same code instead. Cancelling a Generate call cancels the worker call.
+gRPC status of the same code instead. A request that does not parse as its message fails
+with INVALID_ARGUMENT. Cancelling a Generate call (or its deadline passing) cancels the
+worker call.
 
-How Generate is served (what it costs is most of the frontend's CPU per request; see
-benchmarks/serve_overhead.py). On the wire a server-streaming call is the request, then the
-response messages, then the status; the client cannot tell how the server's handler was
-declared. grpc.aio sends every message of a streaming handler as one operation and the status
-as one more, each a round trip through its completion-queue thread; a unary handler's message
-goes out together with the status. So :func:`add_to_server` declares Generate unary: the
-handler writes each chunk but the last with ``context.write`` (serialized here; the context of
-a unary handler has no serializer) and returns the last one, which grpc.aio sends with the
-status in one operation. Clients see exactly the stream client.proto describes (the tests read
-it with the generated stub). The four methods are a generic handler only, not also
-"registered methods" as the generated ``add_FerryServicer_to_server`` makes them: grpc.aio's
-accept loop waits on one pending future per registered method (plus one for the rest) at every
-call, and one is all a single service needs.
+The service runs on :class:`orchestrator.h2grpc.GrpcServer` (what it costs per call is most
+of the frontend's CPU per request, and grpc.aio's costs several times more: see server.py
+there and benchmarks/serve_overhead.py). :meth:`FerryService.methods` gives its handlers by
+path: each chunk of Generate but the last is written as it comes, the last goes out with the
+status in one write.
 """
 
 from __future__ import annotations
@@ -27,8 +21,9 @@ from __future__ import annotations
 from contextlib import aclosing
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from ferry.v1 import client_pb2, client_pb2_grpc, common_pb2
+from ferry.v1 import client_pb2, common_pb2
 from orchestrator.frontend.core import Frontend
 from orchestrator.frontend.types import (
     ChatMessage,
@@ -39,6 +34,7 @@ from orchestrator.frontend.types import (
     InvalidArgument,
     Usage,
 )
+from orchestrator.h2grpc import GrpcError, Handler, ServerCall, Status
 
 _PB_FINISH = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -110,27 +106,43 @@ def _error_message(request_id: str, code: int, message: str) -> client_pb2.Gener
         usage=common_pb2.Usage(), error=common_pb2.Error(code=code, message=message))
 
 
-class FerryServicer(client_pb2_grpc.FerryServicer):
-    """The service; serve it with :func:`add_to_server` (Generate is declared unary there)."""
+def _parse(cls, data: bytes):
+    try:
+        return cls.FromString(data)
+    except DecodeError:
+        raise GrpcError(Status.INVALID_ARGUMENT, f"the request is not a valid "
+                                                 f"{cls.DESCRIPTOR.full_name}") from None
+
+
+class FerryService:
+    """The service's handlers; serve them with ``GrpcServer(service.methods())``."""
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
 
-    async def Generate(self, request, context) -> client_pb2.GenerateResponse:
+    def methods(self) -> dict[str, Handler]:
+        return {f"/{_SERVICE}/{name}": handler for name, handler in (
+            ("Generate", self.generate), ("Tokenize", self.tokenize),
+            ("ListModels", self.list_models), ("Health", self.health))}
+
+    async def generate(self, data: bytes, call: ServerCall) -> bytes:
         """Writes every chunk but the last; returns the last (module docstring)."""
+        request = _parse(client_pb2.GenerateRequest, data)
         try:
             stream = await self.frontend.generate(generate_input(request))
         except FrontendError as e:
-            return _error_message(request.request_id, int(e.code), e.message)
-        write = context.write
+            return _error_message(request.request_id, int(e.code), e.message).SerializeToString()
+        write = call.write
         async with aclosing(stream):
             async for chunk in stream:
                 if chunk.finish_reason is not None:
-                    return chunk_message(chunk)
+                    return chunk_message(chunk).SerializeToString()
                 await write(chunk_message(chunk).SerializeToString())
-        return _error_message(request.request_id, common_pb2.ERROR_CODE_INTERNAL, _NO_LAST_CHUNK)
+        return _error_message(request.request_id, common_pb2.ERROR_CODE_INTERNAL,
+                              _NO_LAST_CHUNK).SerializeToString()
 
-    async def Tokenize(self, request, context):
+    async def tokenize(self, data: bytes, call: ServerCall) -> bytes:
+        request = _parse(client_pb2.TokenizeRequest, data)
         try:
             self.frontend.check_model(request.model)
             which = request.WhichOneof("input")
@@ -143,44 +155,21 @@ class FerryServicer(client_pb2_grpc.FerryServicer):
             else:
                 raise InvalidArgument("set one input: text or chat", param="input")
         except FrontendError as e:
-            await context.abort(grpc_status(e.code), e.message)
-        return client_pb2.TokenizeResponse(token_ids=ids, prompt=text)
+            raise GrpcError(int(e.code), e.message) from None
+        return client_pb2.TokenizeResponse(token_ids=ids, prompt=text).SerializeToString()
 
-    async def ListModels(self, request, context):
+    async def list_models(self, data: bytes, call: ServerCall) -> bytes:
+        _parse(client_pb2.ListModelsRequest, data)
         f = self.frontend
         card = client_pb2.ModelCard(name=f.model_name, max_model_len=f.max_model_len or 0,
                                     num_ready_workers=f.num_ready_workers)
-        return client_pb2.ListModelsResponse(models=[card])
+        return client_pb2.ListModelsResponse(models=[card]).SerializeToString()
 
-    async def Health(self, request, context):
+    async def health(self, data: bytes, call: ServerCall) -> bytes:
+        _parse(client_pb2.HealthRequest, data)
         f = self.frontend
         return client_pb2.HealthResponse(ready=f.ready, num_ready_workers=f.num_ready_workers,
-                                         detail=f.health_detail())
+                                         detail=f.health_detail()).SerializeToString()
 
 
-def method_handlers(servicer: FerryServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """The service's method handlers by name, Generate declared unary (module docstring)."""
-    unary = grpc.unary_unary_rpc_method_handler
-    pb = client_pb2
-    return {
-        "Generate": unary(servicer.Generate, request_deserializer=pb.GenerateRequest.FromString,
-                          response_serializer=pb.GenerateResponse.SerializeToString),
-        "Tokenize": unary(servicer.Tokenize, request_deserializer=pb.TokenizeRequest.FromString,
-                          response_serializer=pb.TokenizeResponse.SerializeToString),
-        "ListModels": unary(servicer.ListModels,
-                            request_deserializer=pb.ListModelsRequest.FromString,
-                            response_serializer=pb.ListModelsResponse.SerializeToString),
-        "Health": unary(servicer.Health, request_deserializer=pb.HealthRequest.FromString,
-                        response_serializer=pb.HealthResponse.SerializeToString),
-    }
-
-
-def add_to_server(frontend: Frontend, server: grpc.aio.Server) -> FerryServicer:
-    servicer = FerryServicer(frontend)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(_SERVICE, method_handlers(servicer)),))
-    return servicer
-
-
-__all__ = ["FerryServicer", "add_to_server", "chunk_message", "generate_input", "grpc_status",
-           "method_handlers"]
+__all__ = ["FerryService", "chunk_message", "generate_input", "grpc_status"]

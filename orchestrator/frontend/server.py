@@ -1,6 +1,6 @@
 """Runs a :class:`Frontend`'s three APIs on their ports: OpenAI HTTP (aiohttp), the ferry.v1
-gRPC API and the KServe v2 gRPC API (two grpc.aio servers, one per port), plus a background
-task that polls the workers' Stats (readiness, KV block gauges).
+gRPC API (:class:`orchestrator.h2grpc.GrpcServer`) and the KServe v2 gRPC API (grpc.aio),
+plus a background task that polls the workers' Stats (readiness, KV block gauges).
 
 A port of 0 binds a free port; ``None`` leaves that API off. ``start`` returns the ports
 actually bound. With ``reuse_port=True`` several frontend processes may bind the same ports
@@ -23,6 +23,7 @@ from aiohttp import web
 from orchestrator.frontend import grpc_api, kserve
 from orchestrator.frontend.core import Frontend
 from orchestrator.frontend.openai_http import OpenAIHttpApi
+from orchestrator.h2grpc import GrpcServer
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class FrontendServer:
         self._stats_interval_s = stats_interval_s
         self._runner: web.AppRunner | None = None
         self._grpc: list[grpc.aio.Server] = []
+        self._ferry: GrpcServer | None = None
         self._poller: asyncio.Task | None = None
         self.ports: BoundPorts | None = None
 
@@ -67,8 +69,7 @@ class FrontendServer:
             raise RuntimeError("the frontend server is already started")
         try:
             http = await self._start_http() if self._want.http is not None else None
-            ferry = await self._start_grpc(self._want.grpc, grpc_api.add_to_server) \
-                if self._want.grpc is not None else None
+            ferry = await self._start_ferry() if self._want.grpc is not None else None
             ks = await self._start_grpc(self._want.kserve, kserve.add_to_server) \
                 if self._want.kserve is not None else None
         except BaseException:
@@ -101,6 +102,10 @@ class FrontendServer:
         await site.start()
         return self._runner.addresses[0][1]
 
+    async def _start_ferry(self) -> int:
+        self._ferry = GrpcServer(grpc_api.FerryService(self.frontend).methods())
+        return await self._ferry.start(self.host, self._want.grpc, reuse_port=self._reuse_port)
+
     async def _start_grpc(self, port: int, add) -> int:
         # grpc enables SO_REUSEPORT by default, which would let a second server bind a port in use.
         server = grpc.aio.server(options=(("grpc.so_reuseport", int(self._reuse_port)),))
@@ -122,6 +127,9 @@ class FrontendServer:
                 await self._poller
             self._poller = None
         servers, self._grpc = self._grpc, []
+        if self._ferry is not None:
+            servers.append(self._ferry)
+            self._ferry = None
         await asyncio.gather(*(s.stop(grace_s) for s in servers))
         if self._runner is not None:
             runner, self._runner = self._runner, None

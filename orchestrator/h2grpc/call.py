@@ -1,0 +1,68 @@
+"""What a method handler of :class:`~orchestrator.h2grpc.server.GrpcServer` sees: one call.
+
+A handler is ``async def handler(request: bytes, call: ServerCall) -> bytes | None``. It gets
+the call's one request message (serialized, decompressed) once the client has sent all of it.
+Every message it passes to ``await call.write(message)`` goes out at once (as far as HTTP/2
+flow control lets it; ``write`` waits while more than :data:`HIGH_WATER` bytes are held back
+for the peer); a message it returns goes out last, in the same write as the status. A unary
+method returns its response; a server-streaming one writes and may return its last message or
+None. The call then ends with status OK.
+
+Raising :class:`GrpcError` ends the call with that status and message (after what was already
+written). Any other exception ends it with UNKNOWN (and is logged by the server). When the
+client cancels the call (RST_STREAM) or its connection drops, the handler's task is cancelled
+and nothing more is sent; when the call's ``grpc-timeout`` passes, the task is cancelled and
+the call ends with DEADLINE_EXCEEDED; when the server stops after its grace period, with
+UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from orchestrator.h2grpc.frames import Status
+
+if TYPE_CHECKING:
+    from orchestrator.h2grpc.connection import H2Connection, Stream
+
+HIGH_WATER = 256 * 1024  # bytes held back for the peer's flow control before write() waits
+
+
+class GrpcError(Exception):
+    """End the call with ``code`` (a gRPC status number) and ``message``."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = Status(int(code))
+        self.message = message
+
+
+class ServerCall:
+    """One call: its method, metadata and deadline, and ``write`` for its messages."""
+
+    __slots__ = ("_conn", "_stream", "deadline", "metadata", "method", "peer")
+
+    def __init__(self, conn: H2Connection, stream: Stream, method: str,
+                 metadata: tuple[tuple[str, str], ...], deadline: float | None,
+                 peer: str) -> None:
+        self.method = method
+        self.metadata = metadata  # request headers but pseudo-headers and the gRPC ones
+        self.deadline = deadline  # time.monotonic() of the client's grpc-timeout, or None
+        self.peer = peer
+        self._conn = conn
+        self._stream = stream
+
+    def time_remaining(self) -> float | None:
+        """Seconds to the deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    async def write(self, message: bytes) -> None:
+        """Send one serialized response message (module docstring)."""
+        await self._conn.write_message(self._stream, message)
+
+
+Handler = Callable[[bytes, ServerCall], Awaitable["bytes | None"]]
+
+__all__ = ["HIGH_WATER", "GrpcError", "Handler", "ServerCall"]

@@ -1,0 +1,621 @@
+"""The server side of one HTTP/2 connection carrying gRPC calls (an asyncio protocol).
+
+Protocol, as this side implements it (RFC 9113, h2c with prior knowledge, no TLS):
+
+- The client's 24-byte preface, then frames. This side sends its SETTINGS at once
+  (MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE :data:`STREAM_WINDOW`, no push) and a connection
+  WINDOW_UPDATE up to :data:`CONN_WINDOW`; it acknowledges the client's SETTINGS and applies
+  INITIAL_WINDOW_SIZE (to open streams too) and MAX_FRAME_SIZE; it answers PINGs.
+- A call is a client stream: HEADERS (+ CONTINUATION) with ``:method POST``, ``:path``,
+  ``content-type application/grpc...``, optional ``grpc-timeout`` / ``grpc-encoding``; then
+  DATA with exactly one length-prefixed request message; END_STREAM. The handler runs once
+  END_STREAM came (handlers take one request message; see call.py). Answers before that:
+  unknown method UNIMPLEMENTED, an unsupported ``grpc-encoding`` UNIMPLEMENTED, a malformed
+  ``grpc-timeout`` INTERNAL, a request over the size limit RESOURCE_EXHAUSTED, a request
+  with no message or more than one INTERNAL; a non-POST request gets HTTP 405 and a
+  content-type that is not gRPC HTTP 415, without gRPC status. An answer sent while the
+  client has not ended its side is followed by RST_STREAM NO_ERROR.
+- Receiving: every DATA frame's length is credited back to the client at once per connection
+  (a WINDOW_UPDATE when half the window is used) and per stream while the stream is open.
+- Sending: response HEADERS, then each message as DATA within the client's windows (per
+  stream and per connection) and MAX_FRAME_SIZE; what does not fit waits for its
+  WINDOW_UPDATE; the trailers go after the last byte of data. Frames produced together go out
+  in one transport write.
+- RST_STREAM from the client, or the connection dropping, cancels the call's handler. A new
+  stream beyond MAX_CONCURRENT_STREAMS, or after this side sent GOAWAY, is refused
+  (RST_STREAM REFUSED_STREAM; clients retry those elsewhere). Protocol violations end the
+  connection with GOAWAY and the error code.
+- Shutdown (:meth:`H2Connection.begin_shutdown`): GOAWAY NO_ERROR naming the last stream
+  taken; the connection closes when its last call has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+
+import hpack
+
+from orchestrator.h2grpc import frames as fr
+from orchestrator.h2grpc.call import HIGH_WATER, GrpcError, ServerCall
+from orchestrator.h2grpc.frames import H2Error, Status
+
+log = logging.getLogger(__name__)
+
+STREAM_WINDOW = 1 << 20
+CONN_WINDOW = 16 << 20
+MAX_HEADER_BLOCK = 64 * 1024  # bytes of one header block (HEADERS + CONTINUATION)
+_ACCEPT_ENCODING = fr.literal(b"grpc-accept-encoding", b"identity,deflate,gzip")
+_GRPC_HEADERS = frozenset(("content-type", "te", "grpc-timeout", "grpc-encoding",
+                           "grpc-accept-encoding"))
+_unpack_header = fr.FRAME_HEADER.unpack_from
+
+
+class Stream:
+    """One client stream (a call) on a connection."""
+
+    __slots__ = (
+        "body",
+        "call",
+        "encoding",
+        "ended",
+        "expired",
+        "handler",
+        "headers_sent",
+        "out",
+        "recv_unacked",
+        "remote_closed",
+        "reset",
+        "send_window",
+        "sid",
+        "task",
+        "timer",
+        "trailers",
+    )
+
+    def __init__(self, sid: int, send_window: int) -> None:
+        self.sid = sid
+        self.body = bytearray()
+        self.send_window = send_window
+        self.recv_unacked = 0
+        self.out = bytearray()  # framed messages waiting for flow-control window
+        self.trailers: bytes | None = None  # set when the call ended: go after ``out``
+        self.headers_sent = False
+        self.task: asyncio.Task | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.expired = False
+        self.reset = False  # the client reset it, or the connection is gone: send nothing
+        self.remote_closed = False
+        self.ended = False  # removed from the connection
+        self.encoding: str | None = None
+        self.call: ServerCall | None = None
+        self.handler = None
+
+
+class H2Connection(asyncio.Protocol):
+    def __init__(self, server) -> None:
+        self.server = server  # GrpcServer: methods, limits, the set of connections
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self._buf = bytearray()
+        self._preface = False
+        self._closed = False
+        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self._streams: dict[int, Stream] = {}
+        self._blocked: dict[int, Stream] = {}
+        self._last_sid = 0
+        self._cont: tuple[int, int, bytearray] | None = None  # header block being continued
+        self._peer_window = fr.DEFAULT_WINDOW
+        self._peer_max_frame = fr.DEFAULT_MAX_FRAME
+        self._send_window = fr.DEFAULT_WINDOW
+        self._recv_credit = 0
+        self._first_block = True
+        self._goaway_sent = False
+        self._peer_goaway = False
+        self._paused = False
+        self._waiters: list[asyncio.Future] = []
+
+    # ------------------------------------------------------------------ asyncio protocol
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.server.connections.add(self)
+        settings = fr.settings_payload({
+            fr.MAX_CONCURRENT_STREAMS: self.server.max_concurrent_streams,
+            fr.INITIAL_WINDOW_SIZE: STREAM_WINDOW, fr.ENABLE_PUSH: 0})
+        transport.write(fr.frame(fr.SETTINGS, 0, 0, settings)
+                        + fr.window_update(0, CONN_WINDOW - fr.DEFAULT_WINDOW))
+        if self.server.stopping:
+            self.begin_shutdown()
+
+    def connection_lost(self, exc) -> None:
+        self._closed = True
+        self.server.connections.discard(self)
+        streams, self._streams = self._streams, {}
+        self._blocked.clear()
+        for stream in streams.values():
+            stream.reset = True
+            self._drop(stream)
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if not self._preface:
+            n = min(len(buf), len(fr.PREFACE))
+            if buf[:n] != fr.PREFACE[:n]:
+                self._fail(H2Error.PROTOCOL_ERROR, "not an HTTP/2 connection preface "
+                                                   "(this port speaks gRPC: HTTP/2 only)")
+                return
+            if n < len(fr.PREFACE):
+                return
+            del buf[:n]
+            self._preface = True
+        pos, end = 0, len(buf)
+        while end - pos >= 9 and not self._closed:
+            lt, flags, sid = _unpack_header(buf, pos)
+            length, ftype = lt >> 8, lt & 0xFF
+            if length > fr.DEFAULT_MAX_FRAME:
+                self._fail(H2Error.FRAME_SIZE_ERROR, f"a frame of {length} bytes (max 16384)")
+                return
+            if end - pos - 9 < length:
+                break
+            start = pos + 9
+            pos = start + length
+            sid &= 0x7FFFFFFF
+            payload = bytes(buf[start:pos])
+            if self._cont is not None and ftype != fr.CONTINUATION:
+                self._fail(H2Error.PROTOCOL_ERROR, "a header block was interrupted")
+                return
+            if ftype == fr.DATA:
+                self._on_data(flags, sid, payload)
+            elif ftype == fr.HEADERS:
+                self._on_headers(flags, sid, payload)
+            elif ftype == fr.WINDOW_UPDATE:
+                self._on_window_update(sid, payload)
+            elif ftype == fr.RST_STREAM:
+                self._on_rst(sid, payload)
+            elif ftype == fr.SETTINGS:
+                self._on_settings(flags, sid, payload)
+            elif ftype == fr.PING:
+                if len(payload) != 8 or sid:
+                    self._fail(H2Error.FRAME_SIZE_ERROR if sid == 0 else H2Error.PROTOCOL_ERROR,
+                               "malformed PING")
+                elif not flags & fr.ACK:
+                    self.transport.write(fr.frame(fr.PING, fr.ACK, 0, payload))
+            elif ftype == fr.CONTINUATION:
+                self._on_continuation(flags, sid, payload)
+            elif ftype == fr.GOAWAY:
+                self._peer_goaway = True
+                if not self._streams:
+                    self.close()
+            elif ftype == fr.PUSH_PROMISE:
+                self._fail(H2Error.PROTOCOL_ERROR, "a client may not push")
+            # PRIORITY and unknown frame types are ignored.
+        if not self._closed:
+            del buf[:pos]
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            self._fail(H2Error.PROTOCOL_ERROR, "HEADERS on stream 0")
+            return
+        pos, end = 0, len(payload)
+        if flags & fr.PADDED:
+            pos, end = 1, end - (payload[0] if payload else 0)
+        if flags & fr.PRIORITY_FLAG:
+            pos += 5
+        if end < pos:
+            self._fail(H2Error.PROTOCOL_ERROR, "HEADERS padding exceeds the frame")
+            return
+        if flags & fr.END_HEADERS:
+            self._on_header_block(sid, flags, payload[pos:end])
+        else:
+            self._cont = (sid, flags, bytearray(payload[pos:end]))
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if self._cont is None or self._cont[0] != sid:
+            self._fail(H2Error.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+            return
+        block = self._cont[2]
+        block += payload
+        if len(block) > MAX_HEADER_BLOCK:
+            self._fail(H2Error.ENHANCE_YOUR_CALM, "header block too large")
+        elif flags & fr.END_HEADERS:
+            first_flags = self._cont[1]
+            self._cont = None
+            self._on_header_block(sid, first_flags, bytes(block))
+
+    def _on_header_block(self, sid: int, flags: int, block: bytes) -> None:
+        try:
+            headers = self._decoder.decode(block)  # always: the HPACK table must stay in step
+        except hpack.HPACKError as e:
+            self._fail(H2Error.COMPRESSION_ERROR, f"cannot decode a header block: {e}")
+            return
+        stream = self._streams.get(sid)
+        if stream is not None:  # trailers from the client: they end its side
+            if flags & fr.END_STREAM and not stream.remote_closed:
+                self._end_of_request(stream)
+            return
+        if sid % 2 == 0:
+            self._fail(H2Error.PROTOCOL_ERROR, f"HEADERS on even stream {sid}")
+            return
+        if sid <= self._last_sid:
+            return  # a stream this side already answered: its late trailers are dropped
+        self._last_sid = sid
+        if self._goaway_sent or len(self._streams) >= self.server.max_concurrent_streams:
+            self.transport.write(fr.rst_stream(sid, H2Error.REFUSED_STREAM))
+            return
+        self._open_stream(sid, flags, headers)
+
+    def _open_stream(self, sid: int, flags: int, headers) -> None:
+        method = path = ctype = timeout = encoding = None
+        metadata = []
+        for name, value in headers:
+            if name[0] == ":":
+                if name == ":path":
+                    path = value
+                elif name == ":method":
+                    method = value
+            elif name in _GRPC_HEADERS:
+                if name == "content-type":
+                    ctype = value
+                elif name == "grpc-timeout":
+                    timeout = value
+                elif name == "grpc-encoding":
+                    encoding = value
+            else:
+                metadata.append((name, value))
+        stream = Stream(sid, self._peer_window)
+        stream.remote_closed = bool(flags & fr.END_STREAM)
+        if method != "POST":
+            self._answer_http(stream, 405)
+            return
+        if ctype is None or not ctype.startswith("application/grpc"):
+            self._answer_http(stream, 415)
+            return
+        handler = self.server.methods.get(path)
+        if handler is None:
+            self._answer(stream, Status.UNIMPLEMENTED, f"unknown method {path}")
+            return
+        if encoding not in (None, "identity", "gzip", "deflate"):
+            self._answer(stream, Status.UNIMPLEMENTED,
+                         f"grpc-encoding {encoding!r} is not supported (use identity, deflate "
+                         f"or gzip)", _ACCEPT_ENCODING)
+            return
+        deadline = None
+        if timeout is not None:
+            try:
+                seconds = fr.parse_timeout(timeout)
+            except ValueError as e:
+                self._answer(stream, Status.INTERNAL, str(e))
+                return
+            deadline = time.monotonic() + seconds
+            stream.timer = asyncio.get_running_loop().call_later(seconds, self._expire, stream)
+        stream.encoding = encoding
+        stream.handler = handler
+        stream.call = ServerCall(self, stream, path, tuple(metadata), deadline, self.peer)
+        self._streams[sid] = stream
+        if stream.remote_closed:
+            self._end_of_request(stream)
+
+    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+        length = len(payload)
+        self._recv_credit += length
+        if self._recv_credit >= CONN_WINDOW // 2:
+            self.transport.write(fr.window_update(0, self._recv_credit))
+            self._recv_credit = 0
+        stream = self._streams.get(sid)
+        if stream is None or stream.remote_closed:
+            if sid == 0 or sid > self._last_sid:
+                self._fail(H2Error.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            return  # a stream already answered or reset: its data is dropped
+        if flags & fr.PADDED:
+            pad = payload[0] if payload else 0
+            if pad >= length:
+                self._fail(H2Error.PROTOCOL_ERROR, "DATA padding exceeds the frame")
+                return
+            payload = payload[1:length - pad]
+        stream.body += payload
+        if len(stream.body) > self.server.max_receive_message_length + 5:
+            self._end(stream, Status.RESOURCE_EXHAUSTED,
+                      f"the request is larger than the server's limit of "
+                      f"{self.server.max_receive_message_length} bytes")
+            return
+        if flags & fr.END_STREAM:
+            self._end_of_request(stream)
+            return
+        stream.recv_unacked += length
+        if stream.recv_unacked >= STREAM_WINDOW // 2:
+            self.transport.write(fr.window_update(sid, stream.recv_unacked))
+            stream.recv_unacked = 0
+
+    def _end_of_request(self, stream: Stream) -> None:
+        stream.remote_closed = True
+        body = stream.body
+        stream.body = bytearray()
+        if len(body) < 5:
+            self._end(stream, Status.INTERNAL, "the call carried no request message")
+            return
+        compressed, n = fr.MESSAGE_PREFIX.unpack_from(body)
+        if 5 + n != len(body):
+            self._end(stream, Status.INTERNAL,
+                      "this method takes exactly one request message" if 5 + n < len(body)
+                      else "the request message is truncated")
+            return
+        request = bytes(body[5:])
+        if compressed:
+            try:
+                request = self._decompress(stream.encoding, request)
+            except GrpcError as e:
+                self._end(stream, e.code, e.message)
+                return
+        stream.task = asyncio.get_running_loop().create_task(
+            self._serve(stream, stream.handler, request))
+
+    def _decompress(self, encoding: str | None, data: bytes) -> bytes:
+        if encoding in (None, "identity"):
+            raise GrpcError(Status.INTERNAL, "a compressed message without grpc-encoding")
+        limit = self.server.max_receive_message_length
+        d = zlib.decompressobj(31 if encoding == "gzip" else 15)
+        try:
+            out = d.decompress(data, limit + 1)
+        except zlib.error as e:
+            raise GrpcError(Status.INTERNAL, f"cannot decompress the request: {e}") from None
+        if len(out) > limit:
+            raise GrpcError(Status.RESOURCE_EXHAUSTED,
+                            f"the request is larger than the server's limit of {limit} bytes")
+        return out
+
+    def _on_rst(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4 or sid == 0:
+            self._fail(H2Error.PROTOCOL_ERROR, "malformed RST_STREAM")
+            return
+        stream = self._streams.get(sid)
+        if stream is not None:
+            stream.reset = True
+            self._drop(stream)
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            self._fail(H2Error.FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
+            return
+        inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid == 0:
+            self._send_window += inc
+            if inc == 0 or self._send_window > fr.MAX_WINDOW:
+                self._fail(H2Error.PROTOCOL_ERROR if inc == 0 else H2Error.FLOW_CONTROL_ERROR,
+                           "bad connection WINDOW_UPDATE")
+                return
+            for stream in list(self._blocked.values()):
+                self._flush(stream)
+            return
+        stream = self._streams.get(sid)
+        if stream is None:
+            return
+        stream.send_window += inc
+        if inc == 0 or stream.send_window > fr.MAX_WINDOW:
+            self.transport.write(fr.rst_stream(sid, H2Error.PROTOCOL_ERROR if inc == 0
+                                               else H2Error.FLOW_CONTROL_ERROR))
+            stream.reset = True
+            self._drop(stream)
+        elif sid in self._blocked:
+            self._flush(stream)
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            self._fail(H2Error.PROTOCOL_ERROR, "SETTINGS on a stream")
+            return
+        if flags & fr.ACK:
+            if payload:
+                self._fail(H2Error.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            self._fail(H2Error.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+            return
+        for key, value in fr.parse_settings(payload):
+            if key == fr.INITIAL_WINDOW_SIZE:
+                if value > fr.MAX_WINDOW:
+                    self._fail(H2Error.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
+                    return
+                delta, self._peer_window = value - self._peer_window, value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+            elif key == fr.MAX_FRAME_SIZE:
+                if not fr.DEFAULT_MAX_FRAME <= value <= fr.MAX_FRAME_LIMIT:
+                    self._fail(H2Error.PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
+                    return
+                self._peer_max_frame = value
+            elif key == fr.ENABLE_PUSH and value > 1:
+                self._fail(H2Error.PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+                return
+        self.transport.write(fr.frame(fr.SETTINGS, fr.ACK, 0))
+        for stream in list(self._blocked.values()):
+            self._flush(stream)
+
+    def _expire(self, stream: Stream) -> None:
+        stream.timer = None
+        stream.expired = True
+        if stream.task is not None:
+            stream.task.cancel()  # _serve answers DEADLINE_EXCEEDED
+        elif not stream.ended:
+            self._end(stream, Status.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    # ------------------------------------------------------------------ the call
+
+    async def _serve(self, stream: Stream, handler, request: bytes) -> None:
+        try:
+            last = await handler(request, stream.call)
+        except asyncio.CancelledError:
+            if stream.expired:
+                self._end(stream, Status.DEADLINE_EXCEEDED, "deadline exceeded")
+            elif self.server.stopping:
+                self._end(stream, Status.UNAVAILABLE, "the server is shutting down")
+            else:
+                self._end(stream, Status.CANCELLED, "cancelled")
+        except GrpcError as e:
+            self._end(stream, e.code, e.message)
+        except Exception:
+            log.exception("method handler %s failed", stream.call.method)
+            self._end(stream, Status.UNKNOWN, "the method handler raised an exception "
+                                              "(see the server's log)")
+        else:
+            if last is not None:
+                self._queue(stream, last)
+            self._end(stream, Status.OK)
+
+    async def write_message(self, stream: Stream, message: bytes) -> None:
+        if stream.trailers is not None or stream.ended:
+            if stream.reset:
+                raise asyncio.CancelledError()
+            raise RuntimeError("the call has ended: no more messages may be written")
+        self._queue(stream, message)
+        while (len(stream.out) > HIGH_WATER or self._paused) and not stream.ended:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+
+    def _queue(self, stream: Stream, message: bytes) -> None:
+        stream.out += fr.MESSAGE_PREFIX.pack(0, len(message))
+        stream.out += message
+        self._flush(stream)
+
+    def _end(self, stream: Stream, status: int, message: str = "", extra: bytes = b"") -> None:
+        """End the call with a status (after its queued messages)."""
+        if stream.ended or stream.reset or stream.trailers is not None:
+            return
+        if stream.headers_sent or stream.out:
+            stream.trailers = fr.trailers(status, message)
+            self._flush(stream)
+        else:
+            self.transport.write(fr.frame(fr.HEADERS, fr.END_STREAM | fr.END_HEADERS, stream.sid,
+                                          self._block(fr.trailers_only(status, message, extra))))
+            self._close(stream)
+
+    def _answer(self, stream: Stream, status: int, message: str, extra: bytes = b"") -> None:
+        """Answer a stream that never reached a handler (trailers only)."""
+        self._end(stream, status, message, extra)
+
+    def _answer_http(self, stream: Stream, code: int) -> None:
+        self.transport.write(fr.frame(fr.HEADERS, fr.END_STREAM | fr.END_HEADERS, stream.sid,
+                                      self._block(fr.http_status_only(code))))
+        self._close(stream)
+
+    def _block(self, block: bytes) -> bytes:
+        if self._first_block:
+            self._first_block = False
+            return fr.TABLE_SIZE_ZERO + block
+        return block
+
+    # ------------------------------------------------------------------ sending
+
+    def _flush(self, stream: Stream) -> None:
+        if self._closed or stream.reset:
+            return
+        sid = stream.sid
+        parts = []
+        if not stream.headers_sent:
+            stream.headers_sent = True
+            parts.append(fr.frame(fr.HEADERS, fr.END_HEADERS, sid,
+                                  self._block(fr.response_headers())))
+        out = stream.out
+        while out:
+            n = min(len(out), stream.send_window, self._send_window, self._peer_max_frame)
+            if n <= 0:
+                self._blocked[sid] = stream
+                break
+            parts.append(fr.frame(fr.DATA, 0, sid, bytes(out[:n])))
+            del out[:n]
+            stream.send_window -= n
+            self._send_window -= n
+        if not out:
+            self._blocked.pop(sid, None)
+            if stream.trailers is not None:
+                parts.append(fr.frame(fr.HEADERS, fr.END_STREAM | fr.END_HEADERS, sid,
+                                      stream.trailers))
+        if parts:
+            self.transport.write(b"".join(parts))
+        if not out and stream.trailers is not None:
+            self._close(stream)
+        elif self._waiters and len(out) <= HIGH_WATER:
+            self._wake()
+
+    def _close(self, stream: Stream) -> None:
+        """The response is complete: forget the stream (RST NO_ERROR if the client is still
+        sending)."""
+        if not stream.remote_closed and not self._closed:
+            self.transport.write(fr.rst_stream(stream.sid, H2Error.NO_ERROR))
+        self._drop(stream)
+
+    def _drop(self, stream: Stream) -> None:
+        stream.ended = True
+        self._streams.pop(stream.sid, None)
+        self._blocked.pop(stream.sid, None)
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+        task = stream.task
+        if stream.reset and task is not None and not task.done():
+            task.cancel()
+        if self._waiters:
+            self._wake()
+        if not self._streams and (self._goaway_sent or self._peer_goaway) and not self._closed:
+            self._closed = True
+            self.transport.close()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _fail(self, code: H2Error, message: str) -> None:
+        """A connection error: GOAWAY with ``code``, then close."""
+        if self._closed:
+            return
+        log.info("closing an HTTP/2 connection from %s: %s (%s)", self.peer, message, code.name)
+        self.transport.write(fr.goaway(self._last_sid, code, message.encode()[:256]))
+        self._closed = True
+        self.transport.close()
+
+    # ------------------------------------------------------------------ shutdown
+
+    def begin_shutdown(self) -> None:
+        """GOAWAY: no new calls; close once the running ones have ended."""
+        if self._goaway_sent or self._closed:
+            return
+        self._goaway_sent = True
+        self.transport.write(fr.goaway(self._last_sid, H2Error.NO_ERROR))
+        if not self._streams:
+            self.close()
+
+    def running_tasks(self) -> list[asyncio.Task]:
+        return [s.task for s in self._streams.values() if s.task is not None]
+
+    def abort_pending(self) -> None:
+        """After the grace period: end every call that is still running or waiting."""
+        for stream in list(self._streams.values()):
+            if stream.task is not None:
+                stream.task.cancel()  # _serve answers UNAVAILABLE
+            else:
+                self._end(stream, Status.UNAVAILABLE, "the server is shutting down")
+
+    def close(self) -> None:
+        if self.transport is not None and not self._closed:
+            self._closed = True
+            self.transport.close()
+
+
+__all__ = ["CONN_WINDOW", "STREAM_WINDOW", "H2Connection", "Stream"]

@@ -1,0 +1,200 @@
+"""HTTP/2 framing (RFC 9113) and the gRPC pieces on top of it, as the server needs them.
+
+Frames are built with :func:`frame` and read with :data:`FRAME_HEADER` (``>I B I``: length << 8
+| type, flags, stream id). The server's header blocks are HPACK (RFC 7541) without Huffman and
+without indexing, so it keeps no encoder state: every block is static bytes plus literals.
+The one exception is the first block a connection sends, which starts with a dynamic table
+size update to 0 (:data:`TABLE_SIZE_ZERO`): the server's table is then empty for good, whatever
+SETTINGS_HEADER_TABLE_SIZE the peer later announces.
+
+gRPC over HTTP/2 (the PROTOCOL-HTTP2 document of grpc/grpc): a message is a 5-byte prefix
+(compressed flag, big-endian length) and its bytes; a response is the HEADERS block of
+:func:`response_headers`, DATA with the messages, and a trailers block
+(:func:`trailers`, END_STREAM) with ``grpc-status`` and, when not OK, ``grpc-message``
+(percent-encoded UTF-8). An answer with no message may be *trailers only*: one HEADERS block
+with everything (:func:`trailers_only`).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FRAME_HEADER = struct.Struct(">I B I")
+MESSAGE_PREFIX = struct.Struct(">BI")
+
+# Frame types.
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
+    CONTINUATION = range(10)
+
+# Flags.
+END_STREAM = 0x1
+ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+
+# SETTINGS identifiers.
+HEADER_TABLE_SIZE = 0x1
+ENABLE_PUSH = 0x2
+MAX_CONCURRENT_STREAMS = 0x3
+INITIAL_WINDOW_SIZE = 0x4
+MAX_FRAME_SIZE = 0x5
+MAX_HEADER_LIST_SIZE = 0x6
+
+DEFAULT_WINDOW = 65_535
+DEFAULT_MAX_FRAME = 16_384
+MAX_WINDOW = 2**31 - 1
+MAX_FRAME_LIMIT = 2**24 - 1
+
+
+class H2Error(enum.IntEnum):
+    """HTTP/2 error codes (RST_STREAM and GOAWAY)."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    INTERNAL_ERROR = 0x2
+    FLOW_CONTROL_ERROR = 0x3
+    STREAM_CLOSED = 0x5
+    FRAME_SIZE_ERROR = 0x6
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
+    ENHANCE_YOUR_CALM = 0xB
+
+
+class Status(enum.IntEnum):
+    """gRPC status codes."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return FRAME_HEADER.pack(len(payload) << 8 | ftype, flags, stream_id) + payload
+
+
+def settings_payload(pairs: dict[int, int]) -> bytes:
+    return b"".join(struct.pack(">HI", k, v) for k, v in pairs.items())
+
+
+def parse_settings(payload: bytes) -> list[tuple[int, int]]:
+    """The (identifier, value) pairs of a SETTINGS payload (its length is a multiple of 6)."""
+    return [struct.unpack_from(">HI", payload, i) for i in range(0, len(payload), 6)]
+
+
+def rst_stream(stream_id: int, code: int) -> bytes:
+    return frame(RST_STREAM, 0, stream_id, struct.pack(">I", code))
+
+
+def goaway(last_stream_id: int, code: int, debug: bytes = b"") -> bytes:
+    return frame(GOAWAY, 0, 0, struct.pack(">II", last_stream_id, code) + debug)
+
+
+def window_update(stream_id: int, increment: int) -> bytes:
+    return frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">I", increment))
+
+
+# ---------------------------------------------------------------------- HPACK, encoder side
+
+TABLE_SIZE_ZERO = b"\x20"
+
+
+def _int(value: int, prefix_bits: int, first: int) -> bytes:
+    """An HPACK integer with ``prefix_bits`` bits in the first byte (``first`` holds the rest)."""
+    top = (1 << prefix_bits) - 1
+    if value < top:
+        return bytes([first | value])
+    out, value = [first | top], value - top
+    while value >= 128:
+        out.append(value % 128 | 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def _string(s: bytes) -> bytes:
+    return _int(len(s), 7, 0) + s
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """A header field, literal without indexing, new name, no Huffman."""
+    return b"\x00" + _string(name) + _string(value)
+
+
+_STATUS_200 = b"\x88"  # :status 200, static table index 8
+_CONTENT_TYPE = b"\x0f\x10" + _string(b"application/grpc")  # static name index 31
+_RESPONSE_HEADERS = _STATUS_200 + _CONTENT_TYPE
+_OK_TRAILERS = literal(b"grpc-status", b"0")
+MAX_STATUS_MESSAGE = 4096  # characters; a longer grpc-message is cut
+
+
+def response_headers() -> bytes:
+    """The header block starting a gRPC response."""
+    return _RESPONSE_HEADERS
+
+
+def percent_encode(message: str) -> bytes:
+    """grpc-message encoding: UTF-8, then every byte outside 0x20-0x7E and ``%`` as %XX."""
+    out = bytearray()
+    for b in message.encode("utf-8", "replace"):
+        if 0x20 <= b <= 0x7E and b != 0x25:
+            out.append(b)
+        else:
+            out += b"%%%02X" % b
+    return bytes(out)
+
+
+def _status_fields(status: int, message: str) -> bytes:
+    if status == Status.OK and not message:
+        return _OK_TRAILERS
+    block = literal(b"grpc-status", str(int(status)).encode())
+    if message:
+        block += literal(b"grpc-message", percent_encode(message[:MAX_STATUS_MESSAGE]))
+    return block
+
+
+def trailers(status: int, message: str = "") -> bytes:
+    """The trailers block ending a response that sent headers."""
+    return _status_fields(status, message)
+
+
+def trailers_only(status: int, message: str = "", extra: bytes = b"") -> bytes:
+    """The one header block of a response without messages (``extra``: more encoded fields)."""
+    return _RESPONSE_HEADERS + extra + _status_fields(status, message)
+
+
+def http_status_only(code: int) -> bytes:
+    """A plain HTTP response header block (for a request that is not gRPC at all)."""
+    return b"\x08" + _string(str(code).encode())  # :status (static name 8), literal value
+
+
+# ---------------------------------------------------------------------- gRPC request headers
+
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def parse_timeout(value: str) -> float:
+    """Seconds of a ``grpc-timeout`` value (1-8 digits and a unit: H M S m u n)."""
+    digits, unit = value[:-1], value[-1:]
+    if not (1 <= len(digits) <= 8 and digits.isascii() and digits.isdigit()
+            and unit in _TIMEOUT_UNITS):
+        raise ValueError(f"malformed grpc-timeout {value!r}")
+    return int(digits) * _TIMEOUT_UNITS[unit]
+
