@@ -1112,77 +1112,68 @@ def port_closed(port: int) -> bool:
 
 
 def test_stop_grace_lets_running_calls_finish(probe):
-    s = ServerThread(probe)
-    try:
-        with grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as ch, \
-                RawClient(s.port) as raw:
-            gate = ch.unary_unary(GATE)
-            running = gate.future(b"grpc", timeout=10)
-            raw.request(1, GATE, b"raw")
-            probe.wait("gate entered", 2)
-            start = time.monotonic()
-            stopping = s.submit(s.stop_and_count(grace_s=5.0))
-            last, code, _ = goaway_of(raw.until(lambda f: f.type == fr.GOAWAY)[-1])
-            assert (last, code) == (1, H2Error.NO_ERROR)
-            assert port_closed(s.port)
-            raw.request(3, UNARY, b"too late")
-            assert raw.response(3).reset == H2Error.REFUSED_STREAM
-            e = rpc_error(ch.unary_unary(UNARY), b"too late", timeout=3)
-            assert e.code() == grpc.StatusCode.UNAVAILABLE
-            assert not stopping.done()
-            s.release()
-            assert running.result(timeout=5) == b"released:grpc"
-            assert raw.response(1).messages == [b"released:raw"] and raw.streams[1].status == 0
-            assert raw.rest() == []  # closed once its last call ended
-            remaining = stopping.result(timeout=5)
-            assert time.monotonic() - start < 4.0
-            assert remaining == 0
-    finally:
-        s.close()
+    with serving(probe) as s, \
+            grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as ch, \
+            RawClient(s.port) as raw:
+        gate = ch.unary_unary(GATE)
+        running = gate.future(b"grpc", timeout=10)
+        raw.request(1, GATE, b"raw")
+        probe.wait("gate entered", 2)
+        start = time.monotonic()
+        stopping = s.submit(s.stop_and_count(grace_s=5.0))
+        last, code, _ = goaway_of(raw.until(lambda f: f.type == fr.GOAWAY)[-1])
+        assert (last, code) == (1, H2Error.NO_ERROR)
+        assert port_closed(s.port)
+        raw.request(3, UNARY, b"too late")
+        assert raw.response(3).reset == H2Error.REFUSED_STREAM
+        e = rpc_error(ch.unary_unary(UNARY), b"too late", timeout=3)
+        assert e.code() == grpc.StatusCode.UNAVAILABLE
+        assert not stopping.done()
+        s.release()
+        assert running.result(timeout=5) == b"released:grpc"
+        assert raw.response(1).messages == [b"released:raw"] and raw.streams[1].status == 0
+        assert raw.rest() == []  # closed once its last call ended
+        remaining = stopping.result(timeout=5)
+        assert time.monotonic() - start < 4.0
+        assert remaining == 0
 
 
 def test_stop_after_grace_ends_calls_unavailable(probe):
-    s = ServerThread(probe)
-    try:
-        with grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as ch, \
-                RawClient(s.port) as raw:
-            running = ch.unary_unary(SLOW).future(b"", timeout=10)
-            raw.request(1, SLOW, b"")
-            probe.wait("slow started", 2)
-            start = time.monotonic()
-            remaining = s.run(s.stop_and_count(grace_s=0.3))
-            took = time.monotonic() - start
-            assert 0.29 < took < 2.5
-            probe.wait("slow cancelled", 2)
-            e = running.exception(timeout=5)
-            assert e.code() == grpc.StatusCode.UNAVAILABLE
-            assert e.details() == "the server is shutting down"
-            seen = raw.response(1)
-            assert seen.status == Status.UNAVAILABLE
-            assert seen.message == "the server is shutting down"
-            raw.rest()
-            assert port_closed(s.port)
-            assert remaining == 0
-    finally:
-        s.close()
+    with serving(probe) as s, \
+            grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as ch, \
+            RawClient(s.port) as raw:
+        running = ch.unary_unary(SLOW).future(b"", timeout=10)
+        raw.request(1, SLOW, b"")
+        probe.wait("slow started", 2)
+        start = time.monotonic()
+        remaining = s.run(s.stop_and_count(grace_s=0.3))
+        took = time.monotonic() - start
+        assert 0.29 < took < 2.5
+        probe.wait("slow cancelled", 2)
+        e = running.exception(timeout=5)
+        assert e.code() == grpc.StatusCode.UNAVAILABLE
+        assert e.details() == "the server is shutting down"
+        seen = raw.response(1)
+        assert seen.status == Status.UNAVAILABLE
+        assert seen.message == "the server is shutting down"
+        raw.rest()
+        assert port_closed(s.port)
+        assert remaining == 0
 
 
 def test_stop_closes_idle_connections(probe):
-    s = ServerThread(probe)
-    try:
-        with grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as ch, \
-                RawClient(s.port) as raw:
-            assert ch.unary_unary(UNARY)(b"warm", timeout=5) == b"warm"
-            assert s.connection_count() == 2
-            start = time.monotonic()
-            s.run(s.server.stop(grace_s=1.0))
-            assert time.monotonic() - start < 0.5  # nothing to wait for
-            frames = raw.rest()
-            assert [goaway_of(f)[:2] for f in frames] == [(0, H2Error.NO_ERROR)]
-            assert port_closed(s.port)
-            s.run(wait_until(lambda: not s.server.connections, 2.0, "connections closed"))
-    finally:
-        s.close()
+    with serving(probe) as s, \
+            grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as ch, \
+            RawClient(s.port) as raw:
+        assert ch.unary_unary(UNARY)(b"warm", timeout=5) == b"warm"
+        assert s.connection_count() == 2
+        start = time.monotonic()
+        s.run(s.server.stop(grace_s=1.0))
+        assert time.monotonic() - start < 0.5  # nothing to wait for
+        frames = raw.rest()
+        assert [goaway_of(f)[:2] for f in frames] == [(0, H2Error.NO_ERROR)]
+        assert port_closed(s.port)
+        s.run(wait_until(lambda: not s.server.connections, 2.0, "connections closed"))
 
 
 @pytest.mark.xfail(strict=True, reason="stop() returns while server.connections still holds the "
@@ -1191,12 +1182,9 @@ def test_stop_closes_idle_connections(probe):
                    "buffered bytes are flushed, and stop() does not wait for it (with no call "
                    "running it does not yield at all)")
 def test_stop_returns_with_no_connection_left(probe):
-    s = ServerThread(probe)
-    try:
-        with grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as ch, \
-                RawClient(s.port) as raw:
-            assert ch.unary_unary(UNARY)(b"warm", timeout=5) == b"warm"
-            assert raw.ping() == []
-            assert s.run(s.stop_and_count(grace_s=1.0)) == 0
-    finally:
-        s.close()
+    with serving(probe) as s, \
+            grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as ch, \
+            RawClient(s.port) as raw:
+        assert ch.unary_unary(UNARY)(b"warm", timeout=5) == b"warm"
+        assert raw.ping() == []
+        assert s.run(s.stop_and_count(grace_s=1.0)) == 0
