@@ -84,6 +84,7 @@ class H2Connection(Responder, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.server.connections.add(self)
+        self.lost = asyncio.get_running_loop().create_future()
         settings = fr.settings_payload({
             fr.MAX_CONCURRENT_STREAMS: self.server.max_concurrent_streams,
             fr.INITIAL_WINDOW_SIZE: STREAM_WINDOW, fr.ENABLE_PUSH: 0})
@@ -94,6 +95,8 @@ class H2Connection(Responder, asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
         self.server.connections.discard(self)
         streams, self._streams = self._streams, {}
         self._blocked.clear()
@@ -334,6 +337,8 @@ class H2Connection(Responder, asyncio.Protocol):
             out = d.decompress(data, limit + 1)
         except zlib.error as e:
             raise GrpcError(Status.INTERNAL, f"cannot decompress the request: {e}") from None
+        if len(out) <= limit and not d.eof:
+            raise GrpcError(Status.INTERNAL, "the compressed request is truncated")
         if len(out) > limit:
             raise GrpcError(Status.RESOURCE_EXHAUSTED,
                             f"the request is larger than the server's limit of {limit} bytes")

@@ -142,7 +142,9 @@ _STATUS_200 = b"\x88"  # :status 200, static table index 8
 _CONTENT_TYPE = b"\x0f\x10" + _string(b"application/grpc")  # static name index 31
 _RESPONSE_HEADERS = _STATUS_200 + _CONTENT_TYPE
 _OK_TRAILERS = literal(b"grpc-status", b"0")
-MAX_STATUS_MESSAGE = 4096  # characters; a longer grpc-message is cut
+# Bytes of an encoded grpc-message (whole characters): a header block then fits one frame, and
+# clients' metadata limits (grpcio: 8 KiB) are not reached.
+MAX_STATUS_MESSAGE = 4096
 
 
 def response_headers() -> bytes:
@@ -150,14 +152,16 @@ def response_headers() -> bytes:
     return _RESPONSE_HEADERS
 
 
-def percent_encode(message: str) -> bytes:
-    """grpc-message encoding: UTF-8, then every byte outside 0x20-0x7E and ``%`` as %XX."""
+def percent_encode(message: str, limit: int | None = None) -> bytes:
+    """grpc-message encoding: UTF-8, then every byte outside 0x20-0x7E and ``%`` as %XX;
+    with ``limit``, only the characters whose encoding fits in ``limit`` bytes."""
     out = bytearray()
-    for b in message.encode("utf-8", "replace"):
-        if 0x20 <= b <= 0x7E and b != 0x25:
-            out.append(b)
-        else:
-            out += b"%%%02X" % b
+    for ch in message:
+        piece = b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b
+                         for b in ch.encode("utf-8", "replace"))
+        if limit is not None and len(out) + len(piece) > limit:
+            break
+        out += piece
     return bytes(out)
 
 
@@ -166,7 +170,8 @@ def _status_fields(status: int, message: str) -> bytes:
         return _OK_TRAILERS
     block = literal(b"grpc-status", str(int(status)).encode())
     if message:
-        block += literal(b"grpc-message", percent_encode(message[:MAX_STATUS_MESSAGE]))
+        block += literal(b"grpc-message", percent_encode(message[:MAX_STATUS_MESSAGE],
+                                                         MAX_STATUS_MESSAGE))
     return block
 
 

@@ -132,6 +132,8 @@ class Responder:
     async def _serve(self, stream: Stream, handler, request: bytes) -> None:
         try:
             last = await handler(request, stream.call)
+            if last is not None:
+                self._queue(stream, last)
         except asyncio.CancelledError:
             if stream.expired:
                 self._end(stream, Status.DEADLINE_EXCEEDED, "deadline exceeded")
@@ -146,8 +148,6 @@ class Responder:
             self._end(stream, Status.UNKNOWN, "the method handler raised an exception "
                                               "(see the server's log)")
         else:
-            if last is not None:
-                self._queue(stream, last)
             self._end(stream, Status.OK)
 
     async def write_message(self, stream: Stream, message: bytes) -> None:
@@ -162,6 +162,9 @@ class Responder:
             await fut
 
     def _queue(self, stream: Stream, message: bytes) -> None:
+        if not isinstance(message, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a response message is serialized bytes, got "
+                            f"{type(message).__name__}")
         stream.out += fr.MESSAGE_PREFIX.pack(0, len(message))
         stream.out += message
         self._flush(stream)
@@ -170,7 +173,11 @@ class Responder:
         """End the call with a status (after its queued messages)."""
         if stream.ended or stream.reset or stream.trailers is not None:
             return
-        if stream.headers_sent or stream.out:
+        if stream.expired and stream.out:  # the client gave up: drop what it has not taken
+            self.transport.write(fr.rst_stream(stream.sid, H2Error.CANCEL))
+            stream.reset = True
+            self._drop(stream)
+        elif stream.headers_sent or stream.out:
             stream.trailers = fr.trailers(status, message)
             self._flush(stream)
         else:

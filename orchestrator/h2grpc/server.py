@@ -62,6 +62,7 @@ class GrpcServer:
         if self._listener is not None:
             raise RuntimeError("the server is already started")
         loop = asyncio.get_running_loop()
+        self.stopping = False
         try:
             self._listener = await loop.create_server(lambda: H2Connection(self), host, port,
                                                       reuse_port=reuse_port or None)
@@ -85,8 +86,11 @@ class GrpcServer:
         tasks = [t for t in tasks if not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
-        for conn in list(self.connections):
+        conns = list(self.connections)
+        for conn in conns:
             conn.close()
+        if conns:  # their connection_lost runs in a later loop iteration
+            await asyncio.wait([c.lost for c in conns], timeout=1.0)
         self._listener = None
 
 

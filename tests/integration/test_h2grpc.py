@@ -880,9 +880,6 @@ def test_compression_errors(raw):
     assert status == Status.INTERNAL and message.startswith("cannot decompress the request")
 
 
-@pytest.mark.xfail(strict=True, reason="a truncated gzip request is accepted: _decompress does "
-                   "not check that the compressed stream ended (decompressobj().eof), so the "
-                   "handler gets a prefix of the message instead of the call failing INTERNAL")
 def test_truncated_gzip_request_is_an_error(raw):
     compressed = gzip.compress(b"0123456789" * 1000)
     raw.send(raw.headers(1, UNARY, extra=[("grpc-encoding", "gzip")]),
@@ -890,11 +887,6 @@ def test_truncated_gzip_request_is_an_error(raw):
     assert raw.response(1).status == Status.INTERNAL
 
 
-@pytest.mark.xfail(strict=True, reason="a header block is always one HEADERS frame, never split "
-                   "into CONTINUATION frames at the peer's MAX_FRAME_SIZE: a grpc-message of "
-                   "4096 'é' (cut at 4096 characters, 6 bytes each once percent-encoded) makes a "
-                   "24,630-byte HEADERS frame to a client that allows 16,384 (RFC 9113 4.2: "
-                   "FRAME_SIZE_ERROR)")
 def test_long_status_message_header_frame_within_max_frame_size(raw):
     details = "\u00e9" * 5000
     raw.request(1, FAIL, fail_request(Status.NOT_FOUND, details))
@@ -905,11 +897,6 @@ def test_long_status_message_header_frame_within_max_frame_size(raw):
     assert max(len(f.payload) for f in frames) <= fr.DEFAULT_MAX_FRAME
 
 
-@pytest.mark.xfail(strict=True, reason="grpc-message is cut at 4096 characters, not bytes: "
-                   "percent-encoded that is up to 49,152 bytes, and grpc clients reject metadata "
-                   "over 16 KiB (RESOURCE_EXHAUSTED 'received metadata size exceeds hard limit') "
-                   "and, at random, over their 8 KiB soft limit ('%' * 4096: 12,288 bytes), so the "
-                   "client never sees the call's status code")
 def test_long_status_message_reaches_a_grpc_client(channel):
     details = "\u00e9" * 4096
     e = rpc_error(channel.unary_unary(FAIL), fail_request(Status.NOT_FOUND, details), timeout=5)
@@ -1017,11 +1004,6 @@ def test_stream_window_overflow_resets_the_stream(server, probe):
         assert raw.response(3).messages == [b"still open"]
 
 
-@pytest.mark.xfail(strict=True, reason="when the deadline passes while response data is held "
-                   "back by flow control, the handler is cancelled but the DEADLINE_EXCEEDED "
-                   "trailers are queued behind the held-back data (_end -> stream.trailers) and "
-                   "never sent: the stream stays open (and counts against "
-                   "max_concurrent_streams) until the client resets it or the connection closes")
 def test_deadline_with_data_held_back_ends_the_stream(server, probe):
     with RawClient(server.port, {fr.INITIAL_WINDOW_SIZE: 0}) as raw:
         raw.request(1, STREAM, stream_request(3, size=1 << 20),
@@ -1032,10 +1014,6 @@ def test_deadline_with_data_held_back_ends_the_stream(server, probe):
         assert seen.reset is not None or (seen.ended and seen.status == Status.DEADLINE_EXCEEDED)
 
 
-@pytest.mark.xfail(strict=True, reason="a handler returning something that is not bytes never "
-                   "ends its call: the TypeError comes from _queue in _serve's else branch, "
-                   "outside the try, so the task dies with it (logged as 'never retrieved') and "
-                   "the client waits for its deadline instead of getting UNKNOWN")
 def test_handler_returning_not_bytes_is_unknown(probe):
     # A raw client, not grpcio: it sends no RST_STREAM at its deadline, so the dead task is
     # only dropped when its server stops, before this thread formats the failure (Python
@@ -1051,10 +1029,6 @@ def test_handler_returning_not_bytes_is_unknown(probe):
     assert (seen.status, seen.data) == (Status.UNKNOWN, b"")
 
 
-@pytest.mark.xfail(strict=True, reason="call.write() of something that is not bytes queues the "
-                   "5-byte message prefix before `stream.out += message` raises TypeError, so the "
-                   "response carries a prefix announcing 16 bytes that never come, then the "
-                   "UNKNOWN trailers (grpcio tolerates it; the DATA is malformed gRPC)")
 def test_write_of_not_bytes_sends_no_partial_message(raw):
     raw.request(1, WRONG_WRITE, b"")
     seen = raw.response(1)
@@ -1176,11 +1150,6 @@ def test_stop_closes_idle_connections(probe):
         s.run(wait_until(lambda: not s.server.connections, 2.0, "connections closed"))
 
 
-@pytest.mark.xfail(strict=True, reason="stop() returns while server.connections still holds the "
-                   "connections it closed: transport.close() runs connection_lost (which "
-                   "discards them, and closes the socket) in a later loop iteration, after any "
-                   "buffered bytes are flushed, and stop() does not wait for it (with no call "
-                   "running it does not yield at all)")
 def test_stop_returns_with_no_connection_left(probe):
     with serving(probe) as s, \
             grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as ch, \

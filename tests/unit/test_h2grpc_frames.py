@@ -162,17 +162,19 @@ def test_trailers_only():
 
 
 @pytest.mark.parametrize("build", [fr.trailers, fr.trailers_only])
-def test_status_message_cut_at_max_characters(build):
+def test_status_message_cut_at_max_bytes_on_a_character(build):
     n = fr.MAX_STATUS_MESSAGE
     assert n == 4096
     fields = _decode(build(Status.INTERNAL, "a" * (n + 1000)))
     assert fields[-1] == ("grpc-message", "a" * n)
     fields = _decode(build(Status.INTERNAL, "\u00e9" * (n + 1)))
-    assert fields[-1] == ("grpc-message", "%C3%A9" * n)
+    assert fields[-1] == ("grpc-message", "%C3%A9" * (n // 6))
     fields = _decode(build(Status.INTERNAL, "b" * n))
     assert fields[-1] == ("grpc-message", "b" * n)
-    fields = _decode(build(Status.INTERNAL, "b" * (n - 1) + "%\u00e9"))
-    assert fields[-1] == ("grpc-message", "b" * (n - 1) + "%25")
+    fields = _decode(build(Status.INTERNAL, "b" * (n - 3) + "%\u00e9"))
+    assert fields[-1] == ("grpc-message", "b" * (n - 3) + "%25")
+    fields = _decode(build(Status.INTERNAL, "b" * (n - 2) + "%\u00e9"))
+    assert fields[-1] == ("grpc-message", "b" * (n - 2))
 
 
 @pytest.mark.parametrize("length", [0, 1, 126, 127, 128, 254, 255, 256, 16383, 16384, 70000])
