@@ -41,6 +41,7 @@ import hpack
 from orchestrator.h2grpc import frames as fr
 from orchestrator.h2grpc.call import GrpcError, ServerCall
 from orchestrator.h2grpc.frames import H2Error, Status
+from orchestrator.h2grpc.hpack_cache import BlockDecoder
 from orchestrator.h2grpc.responder import Responder, Stream
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class H2Connection(Responder, asyncio.Protocol):
         self._buf = bytearray()
         self._preface = False
         self._closed = False
-        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self._decoder = BlockDecoder(MAX_HEADER_BLOCK)
         self._streams: dict[int, Stream] = {}
         self._blocked: dict[int, Stream] = {}
         self._last_sid = 0
