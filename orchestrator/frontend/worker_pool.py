@@ -18,6 +18,7 @@ import grpc
 
 from ferry.v1 import worker_pb2, worker_pb2_grpc
 from orchestrator.frontend.worker_stream import WorkerStream
+from orchestrator.h2grpc.client import BidiCall
 
 # Keepalive so that a dead worker's connection is noticed while a stream waits on it.
 CHANNEL_OPTIONS = (
@@ -26,6 +27,16 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
+
+
+def generate_stream(address: str):
+    """``open_call`` for a worker's :class:`WorkerStream`: a GenerateStream call on its own
+    HTTP/2 connection, served on the event loop (orchestrator/h2grpc/client.py)."""
+    def open_call() -> BidiCall:
+        return BidiCall(address, "/ferry.v1.Worker/GenerateStream",
+                        worker_pb2.GenerateStreamRequest.SerializeToString,
+                        worker_pb2.GenerateStreamResponse.FromString)
+    return open_call
 
 
 class WorkerUnreachable(ConnectionError):
@@ -73,7 +84,7 @@ class WorkerPool:
                 f"worker {worker_id!r} at {address} did not answer Info "
                 f"({e.code().name}: {e.details()}); check that it is running") from None
         handle = WorkerHandle(worker_id, address, channel, stub, info,
-                              stream=WorkerStream(stub, worker_id))
+                              stream=WorkerStream(stub, worker_id, generate_stream(address)))
         self._workers[worker_id] = handle
         self._refresh_ready()
         return handle

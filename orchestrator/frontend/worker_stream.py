@@ -2,6 +2,11 @@
 long-lived gRPC stream (protocol: proto/ferry/v1/worker.proto, "Worker.GenerateStream
 protocol"), because a gRPC call per request costs more CPU than the request itself.
 
+The stream is one ``GenerateStream`` call made with ``open_call()`` (by default the stub's
+grpc.aio call; :class:`~orchestrator.frontend.worker_pool.WorkerPool` passes an
+:class:`orchestrator.h2grpc.client.BidiCall` on its own connection, which reads and writes
+on the event loop instead of through grpc's poller thread).
+
 :meth:`WorkerStream.generate` returns what a ``Worker.Generate`` call would (an async
 iterator of ``WorkerGenerateResponse`` chunks with ``cancel()``; failures raise
 ``grpc.aio.AioRpcError``), so the frontend core treats both alike:
@@ -27,6 +32,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -138,8 +145,10 @@ class StreamCall:
 class WorkerStream:
     """One worker's GenerateStream, opened on first use (see the module docstring)."""
 
-    def __init__(self, stub: worker_pb2_grpc.WorkerStub, worker_id: str = "") -> None:
+    def __init__(self, stub: worker_pb2_grpc.WorkerStub, worker_id: str = "",
+                 open_call: Callable[[], Any] | None = None) -> None:
         self._stub = stub
+        self._open_call = open_call or stub.GenerateStream
         self.worker_id = worker_id
         self.supported: bool | None = None  # None: not known yet
         self._call = None  # the open GenerateStream call
@@ -210,7 +219,7 @@ class WorkerStream:
     def _open(self) -> None:
         loop = asyncio.get_running_loop()
         self._opened = opened = loop.create_future()
-        self._call = call = self._stub.GenerateStream()
+        self._call = call = self._open_call()
         reader = loop.create_task(self._read(call, opened))
         writer = loop.create_task(self._write(call, opened))
         self._tasks = [reader, writer]
