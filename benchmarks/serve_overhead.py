@@ -28,32 +28,30 @@ machine, p50 added latency < 5 ms, for HTTP and gRPC; the last lines say whether
 with the cores other processes took and a CPU-bound estimate (cores / CPU ms per request).
 
 Where the time goes (64 streams, nothing else running): the engine itself ~0.4-0.55 ms of
-CPU per request; the load generator ~0.1-0.2; a frontend ~0.3-0.6 over HTTP and ~0.5-0.75
-over gRPC; the worker ~0.3-0.8 (the engine at the batch it gets, plus its GenerateStream: one
-message per frontend request, at most one per ~1 ms of output). Costs per stream message
-are what the design avoids: a frontend-worker gRPC call per request used to cost ~0.5 ms on
-each side (hence GenerateStream), every SSE write or gRPC message ~0.1 ms on the sender and
-the reader (hence 20 ms stream pacing and fewer, coalesced writes). A slow frontend also
-starves the engine of batch (requests wait in the frontend instead), which makes the worker
-dearer per request: the numbers move together.
+CPU per request; the load generator ~0.05-0.15; a frontend ~0.2 (saturated) to ~0.4 (at
+1,000 requests/s) over gRPC; the worker ~0.3-0.85 (the engine at the batch it gets, plus its
+GenerateStream: one message per frontend request, at most one per ~1 ms of output). Costs
+per stream message are what the design avoids: a frontend-worker gRPC call per request used
+to cost ~0.5 ms on each side (hence GenerateStream), every SSE write or gRPC message ~0.1 ms
+on the sender and the reader (hence 20 ms stream pacing and fewer, coalesced writes). A slow
+frontend also starves the engine of batch (requests wait in the frontend instead), which
+makes the worker dearer per request: the numbers move together. At 1,000 requests/s about
+half the added latency is the engine itself running slower than in-process (it shares the
+two cores with the frontend and the load generator), the rest the hops between processes.
 
-grpc.aio is the floor of the gRPC path: every operation of a call (accepting it, reading the
-request, each message written, the status, the watch for a cancel) completes on grpc's poller
-thread, which wakes the event loop through a socket, and each is a hop on the request's
-critical path. A bare grpc.aio server streaming two messages costs ~0.3-0.4 ms of CPU a call
-at 1,000 calls/s (~0.2 at saturation, where wakeups batch); hence Generate is served as a
-unary method (one operation less: orchestrator/frontend/grpc_api.py). Setting
-``GRPC_EXPERIMENTS=-event_engine_listener,-event_engine_client,-event_engine_for_all_other_endpoints``
-in the environment (it reaches every process started here; it must be set before Python
-imports grpc) has grpc do its socket I/O on that poller thread instead of handing it over from
-EventEngine threads, one thread hop less per operation: here (medians of 8 runs) it cut the
-gRPC frontend's CPU per request by 10-15 % and the added p50 at 1,000 requests/s by ~2 ms.
-``ferry serve`` does not set it: Ray's own gRPC, loaded in the same processes, logs
-``Unknown experiment: event_engine_for_all_other_endpoints`` at start, and in 3 more paired
-runs the gain was within the noise (+p50 2.6 / 6.0 / 6.7 ms with it, 10.7 / 5.0 / 7.2 without;
-with only the two experiments Ray knows: 8.4 / 15.4 / 4.8). Runs of the same code vary a lot on this 2-core VM (64
-streams over gRPC: 1,000-1,700 requests/s closed loop, +p50 3-40 ms), even with nothing else
-running: compare medians of several runs.
+The gRPC path does not use grpc.aio in the frontend: every operation of a grpc.aio call
+(accepting it, reading the request, each message, the status) completes on grpc's poller
+thread, which wakes the event loop through a socket: ~0.4 ms of CPU a call at 1,000 calls/s
+for a bare server streaming two messages. The ferry.v1 API is served by
+orchestrator/h2grpc (HTTP/2 and the gRPC wire format on the event loop: ~0.09 ms for the
+same call), and each worker's GenerateStream is read and written by its BidiCall client the
+same way. Measured in one session (medians of paired runs, ``--paths inprocess,grpc
+--concurrency 64 --seconds 4``): grpc.aio server and client, 1,500-1,900 requests/s closed
+loop, +p50 ~4.5-5.7 ms at 1,000 requests/s; h2grpc server, 1,900-3,000 requests/s, +p50
+~3.8-5.0; both, 2,800-3,100 requests/s, +p50 ~3.2 (frontend CPU at 1,000 requests/s 0.68 ->
+0.40 ms a request). The workers still serve gRPC with grpc.aio. Runs of the same code vary
+a lot on this 2-core VM (+p50 from 2.6 to 5.8 ms in six runs of the last setup): compare
+medians of several runs.
 
 Processes, all on 127.0.0.1 (see benchmarks/serve_procs.py and benchmarks/serve_load.py):
 one mocker worker (``serve_procs.py worker``: WorkerServer over a mocker LLMEngine, timing
