@@ -1,31 +1,25 @@
 """Disaggregated routing: which decode worker takes a request, whether its prompt is prefilled
 remotely (on a prefill worker) or locally (on the decode worker), and on which prefill worker.
 
-Pools (:class:`PoolRole`): ``prefill`` workers only prefill and hand their blocks over;
-``decode`` workers decode (and prefill locally when told to); ``both`` workers are aggregated
-ones. The decode pool is the ``decode`` and ``both`` workers, the prefill pool the ``prefill``
-workers. All of them share one :class:`~router.router.Router`: one prefix index (KV events of
-every worker: a decode worker's pulled blocks enter its cache and its events, so the next turn
-of a conversation finds them), one load view.
+Pools (:class:`~router.disagg_plan.PoolRole`): the decode pool is the ``decode`` and ``both``
+workers, the prefill pool the ``prefill`` workers. All of them share one
+:class:`~router.router.Router`: one prefix index (KV events of every worker: a decode worker's
+pulled blocks enter its cache and its events, so the next turn of a conversation finds them),
+one load view.
 
 The decision, for a prompt of ``prompt_len`` tokens (``prompt_blocks = ceil(prompt_len /
-block_size)``; :func:`plan_prefill` is the pure core, :class:`DisaggRouter` applies it):
+block_size)``; :func:`~router.disagg_plan.plan_prefill` is the pure core, :class:`DisaggRouter`
+applies it):
 
 1. Decode worker: the lowest :func:`router.cost.choose_worker` cost over the decode pool with
    the router's :class:`~router.cost.CostConfig`: uncached prompt blocks on it (what it would
    compute, or pull) plus its queued prefill, against its decode blocks: "decode load and what
    it already holds". ``round_robin`` / ``random`` routers take the next (a random) decode
    worker instead.
-2. Local or remote (:func:`plan_prefill`, reasons :class:`DisaggReason`), in this order:
-   - no prefill worker to choose from -> local, ``no_prefill_worker``;
-   - ``uncached_tokens = prompt_len - overlap_blocks(decode worker) * block_size`` is at most
-     ``max_local_prefill_tokens`` -> local, ``short_prefill`` (a short prefill costs the decode
-     worker less than a second hop and a KV transfer cost the request);
-   - the prefill pool is busy -> local, ``prefill_busy``: its mean queued prefill per worker
-     (``sum(queued_prefill_blocks) * block_size / len(pool)`` tokens) is above
-     ``max_prefill_queue_tokens``, or every prefill worker is busy by the cost config's own
-     test (:func:`router.cost.is_busy`: KV usage, queued prefill);
-   - otherwise remote, ``long_prefill``.
+2. Local or remote: :func:`~router.disagg_plan.plan_prefill` (reasons
+   :class:`~router.disagg_plan.DisaggReason`; the rules are in :mod:`router.disagg_plan`): local
+   when there is no prefill worker, when the uncached part on the decode worker is short, or
+   when the prefill pool is busy; otherwise remote.
 3. Prefill worker (remote only): the lowest cost over the prefill pool with the router's cost
    config but ``decode_weight = 0`` (a prefill worker does not decode): uncached blocks on it
    plus its queued prefill, "cached prefix on it and its prefill load". ``round_robin`` /
@@ -65,7 +59,6 @@ calls in the same order give the same decisions.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -73,107 +66,12 @@ from dataclasses import dataclass
 
 from kvcache.hashing import hash_blocks
 from router.approx import ApproxCaches
-from router.cost import CostConfig, choose_worker, is_busy, worker_cost
+from router.cost import CostConfig, choose_worker, worker_cost
+from router.disagg_plan import DisaggConfig, DisaggReason, PoolRole, PrefillPlan, plan_prefill
 from router.router import Router
 from router.types import RouteRequest, RouterMode, RouterStats, WorkerCost, WorkerInfo, WorkerLoad
 
 PREFILL_KEY_SUFFIX = "#prefill"  # in-flight key of a request's prefill-worker entry
-
-
-class PoolRole(str, enum.Enum):
-    """A worker's role (the values of ``workers.server.worker.WorkerRole``)."""
-
-    PREFILL = "prefill"
-    DECODE = "decode"
-    BOTH = "aggregated"
-
-    @property
-    def decodes(self) -> bool:
-        return self is not PoolRole.PREFILL
-
-
-class DisaggReason(str, enum.Enum):
-    """Why a request's prompt is prefilled where it is (a ``/metrics`` label value)."""
-
-    LONG_PREFILL = "long_prefill"  # remote: the uncached part is long, the prefill pool free
-    SHORT_PREFILL = "short_prefill"  # local: the uncached part is short
-    PREFILL_BUSY = "prefill_busy"  # local: the prefill pool is busy
-    NO_PREFILL_WORKER = "no_prefill_worker"  # local: no prefill worker to choose from
-    PREFILL_FAILED = "prefill_failed"  # local: the prefill worker failed (the frontend's fallback)
-
-    @property
-    def remote(self) -> bool:
-        return self is DisaggReason.LONG_PREFILL
-
-    @property
-    def choice(self) -> str:
-        """``remote`` or ``local`` (a ``/metrics`` label value)."""
-        return "remote" if self.remote else "local"
-
-
-@dataclass(frozen=True)
-class DisaggConfig:
-    """
-    - ``max_local_prefill_tokens`` (default 512): a prompt whose uncached part on the chosen
-      decode worker is at most this many tokens is prefilled there. 512 tokens are one short
-      forward pass (a few decode steps' time on a GPU): cheaper than a second hop plus a KV
-      transfer. 0: every prompt with an uncached token goes to a prefill worker (Dynamo calls
-      this knob ``max_local_prefill_length``).
-    - ``max_prefill_queue_tokens`` (default 16384): the prefill pool is busy when its queued
-      prefill per worker, in tokens, is above this: two full batches of the engine's default
-      8192-token budget waiting on every prefill worker. None: never busy by queue length
-      (workers busy by the cost config's own test still are).
-    """
-
-    max_local_prefill_tokens: int = 512
-    max_prefill_queue_tokens: int | None = 16384
-
-    def __post_init__(self) -> None:
-        v = self.max_local_prefill_tokens
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"max_local_prefill_tokens must be an integer >= 0 (0: prefill "
-                             f"every uncached prompt remotely), got {v!r}")
-        q = self.max_prefill_queue_tokens
-        if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
-            raise ValueError(f"max_prefill_queue_tokens must be an integer >= 1, or None to "
-                             f"never count the prefill pool as busy by its queue; got {q!r}")
-
-
-@dataclass(frozen=True)
-class PrefillPlan:
-    """Step 2 of the module docstring: where the prompt is prefilled, and why."""
-
-    reason: DisaggReason
-    uncached_tokens: int  # prompt tokens the decode worker does not hold
-    queued_tokens_per_prefill_worker: float  # the prefill pool's mean queue (0: no pool)
-
-    @property
-    def remote(self) -> bool:
-        return self.reason.remote
-
-
-def plan_prefill(prompt_len: int, block_size: int, decode_overlap_blocks: int,
-                 prefill_loads: Sequence[WorkerLoad], cost: CostConfig, config: DisaggConfig
-                 ) -> PrefillPlan:
-    """Local or remote prefill (step 2 of the module docstring). ``prefill_loads``: the
-    prefill workers to choose from (empty: none)."""
-    if prompt_len < 1 or block_size < 1 or decode_overlap_blocks < 0:
-        raise ValueError(f"plan_prefill needs prompt_len >= 1, block_size >= 1 and overlap >= 0; "
-                         f"got {prompt_len}, {block_size}, {decode_overlap_blocks}")
-    uncached = max(prompt_len - decode_overlap_blocks * block_size, 0)
-    if not prefill_loads:
-        return PrefillPlan(DisaggReason.NO_PREFILL_WORKER, uncached, 0.0)
-    queued = sum(ld.queued_prefill_blocks for ld in prefill_loads) * block_size \
-        / len(prefill_loads)
-    if uncached <= config.max_local_prefill_tokens:
-        reason = DisaggReason.SHORT_PREFILL
-    elif (config.max_prefill_queue_tokens is not None
-          and queued > config.max_prefill_queue_tokens) \
-            or all(is_busy(ld, cost) for ld in prefill_loads):
-        reason = DisaggReason.PREFILL_BUSY
-    else:
-        reason = DisaggReason.LONG_PREFILL
-    return PrefillPlan(reason, uncached, queued)
 
 
 @dataclass(frozen=True)
