@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from router.index import _BITS, _F, _FMASK, _MANY, _UNKNOWN, _parent_of
+from router.index_state import _BITS, _F, _FMASK, _MANY, _UNKNOWN, _parent_of
 
 if TYPE_CHECKING:
     from router.index import PrefixIndex
