@@ -36,7 +36,8 @@ from kvcache.holds import PinnedBlocks
 from kvcache.manager import KVCacheManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
-from workers.engine.scheduler import SchedRequest, Scheduler, TokenUpdate
+from workers.engine.scheduler import Scheduler
+from workers.engine.scheduler_types import SchedRequest, TokenUpdate
 from workers.engine.types import (
     EngineRequest,
     FinishReason,

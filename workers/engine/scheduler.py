@@ -1,6 +1,8 @@
 """Continuous batching with chunked prefill and preemption by recompute (pure logic, no torch).
 
 Each engine step is ``schedule()`` -> runner ``execute(batch)`` -> ``update(batch, output)``.
+The request record and the step results (:class:`SchedRequest`, :class:`SchedulerOutput`,
+:class:`TokenUpdate`) are in :mod:`workers.engine.scheduler_types`.
 
 schedule(), under a token budget of ``max_num_batched_tokens`` and at most ``max_num_seqs``
 running requests:
@@ -36,15 +38,19 @@ pass it holds ``computed == len(all_token_ids) - 1``.
 from __future__ import annotations
 
 import bisect
-import enum
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from kvcache.block_pool import blocks_needed
-from kvcache.holds import PinnedBlocks
 from kvcache.manager import KVCacheManager
 from workers.engine.config import EngineConfig
+from workers.engine.scheduler_types import (
+    RequestStatus,
+    SchedRequest,
+    SchedulerOutput,
+    TokenUpdate,
+    _arrival_order,
+)
 from workers.engine.types import (
     EngineRequest,
     FinishReason,
@@ -52,89 +58,6 @@ from workers.engine.types import (
     ScheduledBatch,
     ScheduledSeq,
 )
-
-
-class RequestStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-class SchedRequest:
-    """The scheduler's mutable record of one request."""
-
-    __slots__ = (
-        "all_token_ids",
-        "arrival_time",
-        "cached_estimate",
-        "error",
-        "finish_reason",
-        "first_token_time",
-        "num_cached_tokens",
-        "num_computed_tokens",
-        "num_preemptions",
-        "order",
-        "pin_prompt",
-        "pinned",
-        "prefill_done",
-        "prompt_token_ids",
-        "request_id",
-        "sampling",
-        "status",
-    )
-
-    def __init__(self, request: EngineRequest, arrival_time: float, order: int) -> None:
-        self.request_id = request.request_id
-        self.prompt_token_ids = tuple(request.prompt_token_ids)
-        self.sampling = request.sampling
-        self.arrival_time = arrival_time
-        self.order = order  # arrival order in this scheduler (FCFS and preemption key)
-        self.all_token_ids: list[int] = list(self.prompt_token_ids)  # prompt + outputs
-        self.num_computed_tokens = 0
-        self.num_cached_tokens: int | None = None  # prompt tokens hit at first schedule
-        self.status = RequestStatus.WAITING
-        self.finish_reason: FinishReason | None = None
-        self.error: str | None = None
-        self.first_token_time: float | None = None
-        self.prefill_done = False  # sampled since its last (re)admission
-        self.num_preemptions = 0
-        self.pin_prompt = request.pin_prompt
-        self.pinned: PinnedBlocks | None = None  # set at finish when pin_prompt
-        # prompt tokens the prefix cache held when it (re)entered the waiting queue: what its
-        # prefill will likely skip (an estimate for load reports; the cache may change)
-        self.cached_estimate = 0
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[len(self.prompt_token_ids):]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - len(self.prompt_token_ids)
-
-    @property
-    def finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    batch: ScheduledBatch
-    preempted: tuple[str, ...]  # request ids preempted this step (newest first)
-    failed: tuple[str, ...]  # request ids finished with ERROR this step (can never fit)
-
-
-@dataclass(frozen=True)
-class TokenUpdate:
-    """One request's result of a step: the token sampled for it, and whether it finished."""
-
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    finish_reason: FinishReason | None
 
 
 class Scheduler:
@@ -411,10 +334,6 @@ class Scheduler:
         if len(req.all_token_ids) >= self.max_model_len:
             return FinishReason.LENGTH
         return None
-
-
-def _arrival_order(req: SchedRequest) -> int:
-    return req.order
 
 
 __all__ = ["RequestStatus", "SchedRequest", "Scheduler", "SchedulerOutput", "TokenUpdate"]
