@@ -21,13 +21,17 @@ Protocol, as this side implements it (RFC 9113, h2c with prior knowledge):
   half the window is used); messages are parsed as they complete and queued for ``read``;
 - the server's header blocks are decoded (hpack_cache.BlockDecoder); the one with END_STREAM
   carries ``grpc-status`` / ``grpc-message``, which end the call; a response that is not
-  HTTP 200 ends it with UNKNOWN (UNIMPLEMENTED for 404), RST_STREAM with CANCELLED
+  HTTP 200 ends it with the status grpc maps it to (404 UNIMPLEMENTED, 429/502/503/504
+  UNAVAILABLE, 400 INTERNAL, 401 UNAUTHENTICATED, 403 PERMISSION_DENIED, others UNKNOWN),
+  a response message over ``max_receive_message_length`` or one the deserializer refuses
+  with RESOURCE_EXHAUSTED / INTERNAL, RST_STREAM with CANCELLED
   (CANCEL) or UNAVAILABLE (REFUSED_STREAM) or INTERNAL, GOAWAY before the call was taken
   and a lost or refused connection with UNAVAILABLE;
 - PINGs are answered, SETTINGS acknowledged and applied (INITIAL_WINDOW_SIZE,
   MAX_FRAME_SIZE);
-- keepalive: when nothing has come from the server for ``keepalive_s`` seconds, a PING; no
-  answer (nor anything else) within ``keepalive_timeout_s`` ends the call with UNAVAILABLE
+- keepalive: when nothing has come from the server for ``keepalive_s`` seconds, a PING (at
+  most one per ``max(keepalive_s, keepalive_timeout_s)``); no answer (nor anything else)
+  within ``keepalive_timeout_s`` ends the call with UNAVAILABLE
   (a peer that vanished without closing the connection is noticed, as grpc's keepalive does);
 - ``cancel()`` sends RST_STREAM CANCEL and closes the connection; a ``read`` or ``write``
   waiting then raises ``asyncio.CancelledError``, as with grpc.aio.
@@ -57,6 +61,10 @@ _SID = 1
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 _RST_STATUS = {H2Error.CANCEL: grpc.StatusCode.CANCELLED,
                H2Error.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
+_HTTP_STATUS = {"400": grpc.StatusCode.INTERNAL, "401": grpc.StatusCode.UNAUTHENTICATED,
+                "403": grpc.StatusCode.PERMISSION_DENIED, "404": grpc.StatusCode.UNIMPLEMENTED,
+                "429": grpc.StatusCode.UNAVAILABLE, "502": grpc.StatusCode.UNAVAILABLE,
+                "503": grpc.StatusCode.UNAVAILABLE, "504": grpc.StatusCode.UNAVAILABLE}
 _unpack_header = fr.FRAME_HEADER.unpack_from
 
 
@@ -75,13 +83,15 @@ class BidiCall(asyncio.Protocol):
     def __init__(self, target: str, method: str, request_serializer: Callable[[Any], bytes],
                  response_deserializer: Callable[[bytes], Any], *,
                  keepalive_s: float = KEEPALIVE_S,
-                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 max_receive_message_length: int = 4 << 20) -> None:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"target is host:port, got {target!r}")
         if not (keepalive_s > 0 and keepalive_timeout_s > 0):
             raise ValueError(f"keepalive_s and keepalive_timeout_s must be > 0, got "
                              f"{keepalive_s!r}, {keepalive_timeout_s!r}")
+        self._max_receive = int(max_receive_message_length)
         self._keepalive_s = float(keepalive_s)
         self._keepalive_timeout_s = float(keepalive_timeout_s)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -136,6 +146,8 @@ class BidiCall(asyncio.Protocol):
             await fut
         if self._cancelled:
             raise asyncio.CancelledError()
+        if isinstance(self._done, grpc.aio.AioRpcError) and self._out:
+            raise self._done  # the call ended before this message went out
 
     async def done_writing(self) -> None:
         await self._connected()
@@ -145,6 +157,8 @@ class BidiCall(asyncio.Protocol):
 
     async def read(self) -> Any:
         await self._connected()
+        if self._reader is not None:
+            raise RuntimeError("another read() is waiting: one reader at a time")
         while not self._messages:
             if self._done is not None:
                 if self._cancelled:
@@ -312,13 +326,24 @@ class BidiCall(asyncio.Protocol):
             pos, got = 0, False
             while len(msg) - pos >= 5:
                 compressed, size = fr.MESSAGE_PREFIX.unpack_from(msg, pos)
+                if size > self._max_receive:
+                    self._finish(_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"a response message of {size} bytes (limit "
+                                        f"{self._max_receive})"))
+                    return
                 if len(msg) - pos - 5 < size:
                     break
                 if compressed:
                     self._finish(_error(grpc.StatusCode.INTERNAL,
                                         "the server sent a compressed message"))
                     return
-                self._messages.append(self._deserialize(bytes(msg[pos + 5:pos + 5 + size])))
+                try:
+                    message = self._deserialize(bytes(msg[pos + 5:pos + 5 + size]))
+                except Exception as e:  # noqa: BLE001 - whatever the deserializer raises
+                    self._finish(_error(grpc.StatusCode.INTERNAL,
+                                        f"cannot parse a response message: {e}"))
+                    return
+                self._messages.append(message)
                 pos += 5 + size
                 got = True
             del msg[:pos]
@@ -363,8 +388,7 @@ class BidiCall(asyncio.Protocol):
             self._headers_seen = True
             status = headers.get(":status")
             if status != "200":
-                code = grpc.StatusCode.UNIMPLEMENTED if status == "404" \
-                    else grpc.StatusCode.UNKNOWN
+                code = _HTTP_STATUS.get(status, grpc.StatusCode.UNKNOWN)
                 self._finish(_error(code, f"the server answered HTTP {status}"))
                 return
         if self._cont_end:

@@ -351,3 +351,33 @@ def test_keepalive_against_grpcs_default_ping_policy_ends_an_idle_call():
             assert e.code() == grpc.StatusCode.UNAVAILABLE
             assert "too_many_pings" in e.details()
     run(main())
+
+
+def test_a_response_message_over_the_limit_ends_the_call():
+    async def main():
+        async with serving(Echo=echo) as (target, _):
+            call = bidi(target, "Echo", max_receive_message_length=1000)
+            await call.write(b"x" * 1000)
+            assert await call.read() == b"x" * 1000
+            await call.write(b"y" * 1001)
+            e = await error_of(call.read())
+            assert (e.code(), e.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                               "a response message of 1001 bytes (limit 1000)")
+    run(main())
+
+
+def test_one_reader_at_a_time():
+    async def main():
+        async with serving(Echo=echo) as (target, _):
+            call = bidi(target, "Echo")
+            first = asyncio.ensure_future(call.read())
+            for _ in range(500):  # until the first read waits for a message
+                if call._reader is not None:
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(RuntimeError, match="one reader at a time"):
+                await call.read()
+            await call.write(b"m")
+            assert await asyncio.wait_for(first, 5) == b"m"
+            call.cancel()
+    run(main())
