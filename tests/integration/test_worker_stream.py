@@ -16,6 +16,7 @@ import pytest
 from ferry.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from orchestrator.frontend import Frontend, FrontendConfig
 from orchestrator.frontend.types import FinishReason, GenerateInput
+from orchestrator.frontend.worker_pool import generate_stream
 from orchestrator.frontend.worker_stream import StreamCall, WorkerStream
 from tests.helpers.fake_worker import MODEL, FakeWorker, write_tokenizer_folder
 from workers.engine.config import EngineConfig
@@ -225,14 +226,25 @@ async def stream_tokens(ws: WorkerStream, request) -> tuple[list[int], list]:
     return [t for c in chunks for t in c.new_token_ids], chunks
 
 
-def test_worker_stream_carries_concurrent_requests_and_cancels():
+def stream_of(stub, address: str, kind: str, worker_id: str = "w-stream") -> WorkerStream:
+    """A WorkerStream whose GenerateStream is grpc.aio's call or the frontend's BidiCall."""
+    if kind == "bidi":
+        return WorkerStream(stub, worker_id, generate_stream(address))
+    return WorkerStream(stub, worker_id)
+
+
+KINDS = ("grpc.aio", "bidi")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_worker_stream_carries_concurrent_requests_and_cancels(kind):
     requests = [wire_request(f"c{i}", PROMPTS[i % 4] + [i], max_tokens=2 + i % 9)
                 for i in range(24)]
     want = engine_tokens(requests)
 
     async def main():
-        async with serving(fast_runner()) as (_, stub):
-            ws = WorkerStream(stub, "w-stream")
+        async with serving(fast_runner()) as (server, stub):
+            ws = stream_of(stub, server.address, kind)
             calls = [ws.generate(r) for r in requests]
             assert all(isinstance(c, StreamCall) for c in calls)
             results = await asyncio.gather(*(stream_tokens(ws, r) for r in requests))
@@ -247,8 +259,8 @@ def test_worker_stream_carries_concurrent_requests_and_cancels():
             await ws.close()
             await wait_no_blocks(stub)
 
-        async with serving(slow_runner()) as (_, stub):
-            ws = WorkerStream(stub, "w-stream")
+        async with serving(slow_runner()) as (server, stub):
+            ws = stream_of(stub, server.address, kind)
             call = ws.generate(wire_request("long", range(1, 30), max_tokens=400))
             first = await call.__anext__()
             assert first.new_token_ids
@@ -262,7 +274,8 @@ def test_worker_stream_carries_concurrent_requests_and_cancels():
     run(main())
 
 
-def test_worker_without_generate_stream_falls_back_to_generate(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_worker_without_generate_stream_falls_back_to_generate(tmp_path, kind):
     tokenizer = Tokenizer.from_hf_folder(write_tokenizer_folder(tmp_path))
 
     async def main():
@@ -271,7 +284,7 @@ def test_worker_without_generate_stream_falls_back_to_generate(tmp_path):
         address = await fake.start()
         try:
             async with grpc.aio.insecure_channel(address) as channel:
-                ws = WorkerStream(worker_pb2_grpc.WorkerStub(channel), "fake")
+                ws = stream_of(worker_pb2_grpc.WorkerStub(channel), address, kind, "fake")
                 tokens, chunks = await stream_tokens(ws, wire_request("f1", [1, 2], max_tokens=5))
                 assert ws.supported is False
                 assert tokens == [5, 6, 7, eos, 5] and chunks[-1].finish_reason == LENGTH
@@ -284,13 +297,14 @@ def test_worker_without_generate_stream_falls_back_to_generate(tmp_path):
     run(main())
 
 
-def test_a_worker_going_away_fails_its_requests_and_the_next_one_reports_it():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_worker_going_away_fails_its_requests_and_the_next_one_reports_it(kind):
     async def main():
         server = WorkerServer(LLMEngine(slow_runner(), CFG),
                               WorkerConfig(worker_id="w-gone", model=MODEL))
         address = await server.start()
         async with grpc.aio.insecure_channel(address) as channel:
-            ws = WorkerStream(worker_pb2_grpc.WorkerStub(channel), "w-gone")
+            ws = stream_of(worker_pb2_grpc.WorkerStub(channel), address, kind, "w-gone")
             call = ws.generate(wire_request("doomed", range(1, 30), max_tokens=400))
             await call.__anext__()
             await server.stop(0.0)
@@ -356,5 +370,33 @@ def test_a_lagging_consumer_gets_the_piled_up_chunks_merged():
             assert rest[0].finished and rest[0].finish_reason == LENGTH
             assert rest[0].num_prompt_tokens == len(PROMPTS[0])
             await ws.close()
+
+    run(main())
+
+
+def test_an_idle_stream_survives_keepalive_pings_under_the_workers_ping_policy(monkeypatch):
+    """The worker's server takes the frontend's idle pings (PING_POLICY) where grpc's default
+    policy would close the connection after a few (intervals scaled down 100x here)."""
+    from orchestrator.h2grpc.client import BidiCall
+    from workers.server import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "PING_POLICY", [
+        ("grpc.http2.min_ping_interval_without_data_ms", 100),
+        ("grpc.keepalive_permit_without_calls", 1)])
+
+    async def main():
+        async with serving(fast_runner()) as (server, _):
+            call = BidiCall(server.address, "/ferry.v1.Worker/GenerateStream",
+                            worker_pb2.GenerateStreamRequest.SerializeToString,
+                            worker_pb2.GenerateStreamResponse.FromString,
+                            keepalive_s=0.2, keepalive_timeout_s=0.2)
+            assert await call.read() == worker_pb2.GenerateStreamResponse()  # opened
+            await asyncio.sleep(2.0)  # ~10 pings; grpc's default policy ends it after ~3
+            assert not call.done()
+            await call.write(worker_pb2.GenerateStreamRequest(
+                requests=[wire_request("after-idle", [1, 2, 3], max_tokens=2)]))
+            got = await read_until_finished(call, {"after-idle"})
+            assert got["after-idle"][-1].finish_reason == LENGTH
+            call.cancel()
 
     run(main())

@@ -59,6 +59,11 @@ class WorkerRole(str, enum.Enum):
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # binds that listen on every interface
+# Frontends keep one GenerateStream per worker open and ping it when it is idle (every 20 s:
+# orchestrator/h2grpc/client.py); grpc's default policy counts a ping more often than every
+# 5 minutes without data as abuse and closes the connection after two.
+PING_POLICY = [("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+               ("grpc.keepalive_permit_without_calls", 1)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,7 +276,8 @@ class WorkerServer:
         self.handles = HandleTable(self.aengine, cfg.worker_id, cfg.kv_handle_ttl_s)
         self.importer = KvImporter(self.aengine, cfg.kv_pull_timeout_s,
                                    grpc_only=cfg.kv_transport == "grpc")
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS,
+                                          *PING_POLICY])
         self._service = WorkerService(self.aengine, cfg.worker_id, cfg.model, cfg.role.value,
                                       stream_interval_s=cfg.stream_interval_s,
                                       handles=self.handles, importer=self.importer)
