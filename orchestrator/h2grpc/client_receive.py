@@ -1,0 +1,183 @@
+"""The receiving side of :class:`~orchestrator.h2grpc.client.BidiCall` (a mixin; the call
+owns the state it uses): frames from the server parsed as they come, DATA credited back and
+cut into response messages for ``read``, header blocks decoded, the status that ends the
+call, the server's SETTINGS, PINGs, resets and GOAWAY (client.py's docstring states the
+protocol).
+"""
+
+from __future__ import annotations
+
+import struct
+from urllib.parse import unquote
+
+import grpc
+
+from orchestrator.h2grpc import frames as fr
+from orchestrator.h2grpc.frames import H2Error
+
+SID = 1  # the call's stream: the only one on its connection
+RECV_WINDOW = 16 << 20  # what the client announces, per stream and per connection
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_RST_STATUS = {H2Error.CANCEL: grpc.StatusCode.CANCELLED,
+               H2Error.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
+_HTTP_STATUS = {"400": grpc.StatusCode.INTERNAL, "401": grpc.StatusCode.UNAUTHENTICATED,
+                "403": grpc.StatusCode.PERMISSION_DENIED, "404": grpc.StatusCode.UNIMPLEMENTED,
+                "429": grpc.StatusCode.UNAVAILABLE, "502": grpc.StatusCode.UNAVAILABLE,
+                "503": grpc.StatusCode.UNAVAILABLE, "504": grpc.StatusCode.UNAVAILABLE}
+_unpack_header = fr.FRAME_HEADER.unpack_from
+
+
+def error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+
+class Receiver:
+    """Receiving, for :class:`BidiCall` (module docstring)."""
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self._loop.time()
+        buf = self._buf
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 9 and self._done is None:
+            lt, flags, sid = _unpack_header(buf, pos)
+            length, ftype = lt >> 8, lt & 0xFF
+            if length > fr.DEFAULT_MAX_FRAME:
+                self._fail(H2Error.FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+                return
+            if end - pos - 9 < length:
+                break
+            start = pos + 9
+            pos = start + length
+            sid &= 0x7FFFFFFF
+            payload = bytes(buf[start:pos])
+            if ftype == fr.DATA:
+                self._on_data(flags, sid, payload)
+            elif ftype == fr.HEADERS or ftype == fr.CONTINUATION:
+                self._on_headers(ftype, flags, sid, payload)
+            elif ftype == fr.WINDOW_UPDATE and len(payload) == 4:
+                inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+                if sid == 0:
+                    self._send_window += inc
+                elif sid == SID:
+                    self._stream_window += inc
+                self._flush()
+            elif ftype == fr.SETTINGS and not flags & fr.ACK:
+                self._on_settings(payload)
+            elif ftype == fr.PING and not flags & fr.ACK:
+                self.transport.write(fr.frame(fr.PING, fr.ACK, 0, payload))
+            elif ftype == fr.RST_STREAM and sid == SID:
+                code = int.from_bytes(payload[:4], "big")
+                self._finish(error(_RST_STATUS.get(code, grpc.StatusCode.INTERNAL),
+                                    f"the server reset the call (HTTP/2 error {code})"))
+            elif ftype == fr.GOAWAY and len(payload) >= 8:
+                last, code = struct.unpack_from(">II", payload)
+                if (last & 0x7FFFFFFF) < SID or code != H2Error.NO_ERROR:
+                    self._finish(error(grpc.StatusCode.UNAVAILABLE,
+                                        f"the server closed the connection (GOAWAY {code}: "
+                                        f"{payload[8:200]!r})"))
+        del buf[:pos]
+
+    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+        n = len(payload)
+        self._conn_credit += n
+        if sid == SID:
+            if flags & fr.PADDED and payload:
+                payload = payload[1:n - payload[0]]
+            msg = self._msg
+            msg += payload
+            pos, got = 0, False
+            while len(msg) - pos >= 5:
+                compressed, size = fr.MESSAGE_PREFIX.unpack_from(msg, pos)
+                if size > self._max_receive:
+                    self._finish(error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"a response message of {size} bytes (limit "
+                                        f"{self._max_receive})"))
+                    return
+                if len(msg) - pos - 5 < size:
+                    break
+                if compressed:
+                    self._finish(error(grpc.StatusCode.INTERNAL,
+                                        "the server sent a compressed message"))
+                    return
+                try:
+                    message = self._deserialize(bytes(msg[pos + 5:pos + 5 + size]))
+                except Exception as e:  # noqa: BLE001 - whatever the deserializer raises
+                    self._finish(error(grpc.StatusCode.INTERNAL,
+                                        f"cannot parse a response message: {e}"))
+                    return
+                self._messages.append(message)
+                pos += 5 + size
+                got = True
+            del msg[:pos]
+            if got:
+                self._wake_reader()
+            if not flags & fr.END_STREAM:
+                self._stream_credit += n
+                if self._stream_credit >= RECV_WINDOW // 2:
+                    self.transport.write(fr.window_update(SID, self._stream_credit))
+                    self._stream_credit = 0
+        if self._conn_credit >= RECV_WINDOW // 2:
+            self.transport.write(fr.window_update(0, self._conn_credit))
+            self._conn_credit = 0
+        if flags & fr.END_STREAM and sid == SID:
+            self._finish(error(grpc.StatusCode.INTERNAL, "the call ended without a status"))
+
+    def _on_headers(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if ftype == fr.HEADERS:
+            pos, end = 0, len(payload)
+            if flags & fr.PADDED and payload:
+                pos, end = 1, end - payload[0]
+            if flags & fr.PRIORITY_FLAG:
+                pos += 5
+            self._cont = bytearray(payload[pos:end])
+            self._cont_end = bool(flags & fr.END_STREAM)
+        elif self._cont is None:
+            self._fail(H2Error.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+            return
+        else:
+            self._cont += payload
+        if not flags & fr.END_HEADERS:
+            return
+        block, self._cont = bytes(self._cont), None
+        try:
+            headers = dict(self._decoder.decode(block))  # always: the table stays in step
+        except Exception as e:  # noqa: BLE001 - hpack errors of any kind end the call
+            self._fail(H2Error.COMPRESSION_ERROR, f"cannot decode a header block: {e}")
+            return
+        if sid != SID:
+            return
+        if not self._headers_seen:
+            self._headers_seen = True
+            status = headers.get(":status")
+            if status != "200":
+                code = _HTTP_STATUS.get(status, grpc.StatusCode.UNKNOWN)
+                self._finish(error(code, f"the server answered HTTP {status}"))
+                return
+        if self._cont_end:
+            self._end_with(headers)
+
+    def _end_with(self, trailers: dict) -> None:
+        raw = trailers.get("grpc-status")
+        if raw is None or not raw.isdigit():
+            self._finish(error(grpc.StatusCode.UNKNOWN, "the call ended without grpc-status"))
+            return
+        code = _STATUS.get(int(raw), grpc.StatusCode.UNKNOWN)
+        if code is grpc.StatusCode.OK:
+            self._finish(grpc.aio.EOF)
+        else:
+            self._finish(error(code, unquote(trailers.get("grpc-message", ""))))
+
+    def _on_settings(self, payload: bytes) -> None:
+        for key, value in fr.parse_settings(payload[:len(payload) - len(payload) % 6]):
+            if key == fr.INITIAL_WINDOW_SIZE:
+                self._stream_window += value - self._peer_initial
+                self._peer_initial = value
+            elif key == fr.MAX_FRAME_SIZE:
+                self._peer_max_frame = value
+        self.transport.write(fr.frame(fr.SETTINGS, fr.ACK, 0))
+        self._flush()
+
+
+__all__ = ["SID", "Receiver", "error"]
