@@ -71,7 +71,11 @@ warmup + seconds + 60 s is killed).
 Run:
     .venv/bin/python benchmarks/serve_overhead.py [--concurrency 1,64,256] [--seconds 5]
         [--rate 1000] [--paths inprocess,http,grpc] [--frontends 1] [--loop serve]
-        [--stream-interval-ms 20] [--client raw|lib] [--model smollm2]
+        [--stream-interval-ms 20] [--client raw|lib] [--model smollm2] [--rounds 3]
+
+``--rounds N``: the equal-load latency at 64 streams is measured N times (in-process, then
+each path, in turn) and the verdict takes the median +p50 of the rounds, since single runs
+vary by a few milliseconds on this machine.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -290,7 +295,10 @@ def latency_table(rows: list[tuple[Cell, Cell | None]]) -> str:
     return "\n".join(lines)
 
 
-def verdict(closed: list[Cell], rows: list[tuple[Cell, Cell | None]]) -> list[str]:
+def verdict(closed: list[Cell], rows: list[tuple[Cell, Cell | None]],
+            more: dict[str, list[float]] | None = None) -> list[str]:
+    """The target lines; ``more``: +p50 of the later rounds by path (the verdict takes the
+    median of all rounds)."""
     out = []
     for path in ("http", "grpc"):
         tput = next((c for c in closed if c.path == path
@@ -299,13 +307,16 @@ def verdict(closed: list[Cell], rows: list[tuple[Cell, Cell | None]]) -> list[st
                     and c.concurrency == TARGET_CONCURRENCY and b is not None), None)
         if tput is None or lat is None:
             continue
-        added = lat[0].p50 - lat[1].p50
+        rounds = [lat[0].p50 - lat[1].p50, *(more or {}).get(path, [])]
+        added = statistics.median(rounds)
         ok = tput.result.rps >= TARGET_RPS and added < TARGET_ADDED_P50_MS \
             and not tput.result.errors and not lat[0].result.errors
         r = tput.result
         cpu_ms = tput.per_request_ms(r.client_cpu_s + tput.frontend_cpu_s + tput.worker_cpu_s)
+        each = ", ".join(f"{x:.2f}" for x in rounds)
+        median = f"(median of {len(rounds)} rounds: {each}) " if len(rounds) > 1 else ""
         out.append(f"target {path}: {r.rps:.0f} req/s at {TARGET_CONCURRENCY} streams "
-                   f"(>= {TARGET_RPS:g}), +p50 {added:.2f} ms at {lat[0].rate:g} req/s "
+                   f"(>= {TARGET_RPS:g}), +p50 {added:.2f} ms at {lat[0].rate:g} req/s {median}"
                    f"(< {TARGET_ADDED_P50_MS:g}): {'met' if ok else 'NOT met'}; other processes "
                    f"kept {tput.others_cores:.2f} of {os.cpu_count()} cores busy meanwhile; "
                    f"{cpu_ms:.2f} ms of CPU per request in all (a CPU-bound estimate for "
@@ -338,6 +349,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="event loops: serve (default) as ferry serve runs them: frontends on "
                         "uvloop, the worker on asyncio's (like its Ray actor), the load "
                         "generator on uvloop; or that loop everywhere")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="equal-load latency at 64 streams measured this many times, each "
+                        "in-process then every path; the verdict takes the median +p50 "
+                        "(the tables show the first round)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--profile-dir", type=Path, default=None,
                    help="run the worker and frontends under cProfile; stats go here")
@@ -350,14 +365,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.concurrency or min(args.concurrency) < 1:
         p.error("--concurrency takes positive integers, e.g. 1,64,256")
     if args.frontends < 1 or args.max_tokens < 1 or args.seconds <= 0 or args.warmup < 0 \
-            or args.rate < 0:
-        p.error("--frontends and --max-tokens must be >= 1, --seconds > 0, --warmup and "
-                "--rate >= 0")
+            or args.rate < 0 or args.rounds < 1:
+        p.error("--frontends, --max-tokens and --rounds must be >= 1, --seconds > 0, --warmup "
+                "and --rate >= 0")
     return args
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def later_rounds(args, info, children: Children, served: list[str], targets: tuple,
+                 frontends: list, worker) -> dict[str, list[float]]:
+    """+p50 at the target load of rounds 2..N (in-process, then each served path)."""
+    more: dict[str, list[float]] = {}
+    if not args.rate or TARGET_CONCURRENCY not in args.concurrency \
+            or "inprocess" not in args.paths:
+        return more
+    n, rate = TARGET_CONCURRENCY, args.rate
+    for r in range(2, args.rounds + 1):
+        base = measure_inprocess(info, n, rate, args)
+        for path in served:
+            cell = measure_served(children, path, targets[0] if path == "http" else targets[1],
+                                  n, rate, args, frontends, worker)
+            more.setdefault(path, []).append(cell.p50 - base.p50)
+            print(f"round {r}: {path} x {n} at {rate:g} req/s: +p50 "
+                  f"{cell.p50 - base.p50:.2f} ms", file=sys.stderr)
+    return more
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     info = load_model(args.model)
     closed: list[Cell] = []
     paced: list[Cell] = []
+    more: dict[str, list[float]] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="ferry-serve-overhead-"))
     children = Children(log_dir)
     loads = [(n, 0.0) for n in args.concurrency]
@@ -389,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n, rate in loads:
                     note(measure_served(children, path, http if path == "http" else grpc,
                                         n, rate, args, frontends, worker))
+            more = later_rounds(args, info, children, served, (http, grpc), frontends, worker)
     finally:
         children.stop_all()
     if args.stream_interval_ms is None:
@@ -411,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
               if c.result.first_error]
     if errors:
         print("first error per measurement:", *errors, sep="\n")
-    lines = verdict(closed, rows)
+    lines = verdict(closed, rows, more)
     if lines:
         print()
         print(*lines, sep="\n")
