@@ -43,7 +43,7 @@ The gRPC path does not use grpc.aio in the frontend: every operation of a grpc.a
 (accepting it, reading the request, each message, the status) completes on grpc's poller
 thread, which wakes the event loop through a socket: ~0.4 ms of CPU a call at 1,000 calls/s
 for a bare server streaming two messages. The ferry.v1 API is served by
-orchestrator/h2grpc (HTTP/2 and the gRPC wire format on the event loop: ~0.09 ms for the
+proto/ferry/rpc (HTTP/2 and the gRPC wire format on the event loop: ~0.09 ms for the
 same call), and each worker's GenerateStream is read and written by its BidiCall client the
 same way. Measured in one session (medians of paired runs, ``--paths inprocess,grpc
 --concurrency 64 --seconds 4``): grpc.aio server and client, 1,500-1,900 requests/s closed

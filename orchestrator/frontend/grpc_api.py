@@ -9,7 +9,7 @@ gRPC status of the same code instead. A request that does not parse as its messa
 with INVALID_ARGUMENT. Cancelling a Generate call (or its deadline passing) cancels the
 worker call.
 
-The service runs on :class:`orchestrator.h2grpc.GrpcServer` (what it costs per call is most
+The service runs on :class:`ferry.rpc.GrpcServer` (what it costs per call is most
 of the frontend's CPU per request, and grpc.aio's costs several times more: see server.py
 there and benchmarks/serve_overhead.py). :meth:`FerryService.methods` gives its handlers by
 path: each chunk of Generate but the last is written as it comes, the last goes out with the
@@ -23,6 +23,7 @@ from contextlib import aclosing
 import grpc
 from google.protobuf.message import DecodeError
 
+from ferry.rpc import GrpcError, Handler, ServerCall, Status
 from ferry.v1 import client_pb2, common_pb2
 from orchestrator.frontend.core import Frontend
 from orchestrator.frontend.types import (
@@ -34,7 +35,6 @@ from orchestrator.frontend.types import (
     InvalidArgument,
     Usage,
 )
-from orchestrator.h2grpc import GrpcError, Handler, ServerCall, Status
 
 _PB_FINISH = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,

@@ -1,5 +1,5 @@
 """Runs a :class:`Frontend`'s three APIs on their ports: OpenAI HTTP (aiohttp), the ferry.v1
-gRPC API (:class:`orchestrator.h2grpc.GrpcServer`) and the KServe v2 gRPC API (grpc.aio),
+gRPC API (:class:`ferry.rpc.GrpcServer`) and the KServe v2 gRPC API (grpc.aio),
 plus a background task that polls the workers' Stats (readiness, KV block gauges).
 
 A port of 0 binds a free port; ``None`` leaves that API off. ``start`` returns the ports
@@ -20,10 +20,10 @@ from typing import Self
 import grpc
 from aiohttp import web
 
+from ferry.rpc import GrpcServer
 from orchestrator.frontend import grpc_api, kserve
 from orchestrator.frontend.core import Frontend
 from orchestrator.frontend.openai_http import OpenAIHttpApi
-from orchestrator.h2grpc import GrpcServer
 
 log = logging.getLogger(__name__)
 

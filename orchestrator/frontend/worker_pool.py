@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from ferry.rpc.client import BidiCall
 from ferry.v1 import worker_pb2, worker_pb2_grpc
 from orchestrator.frontend.worker_stream import WorkerStream
-from orchestrator.h2grpc.client import BidiCall
 
 # Keepalive so that a dead worker's connection is noticed while a stream waits on it.
 CHANNEL_OPTIONS = (
@@ -31,7 +31,7 @@ CHANNEL_OPTIONS = (
 
 def generate_stream(address: str):
     """``open_call`` for a worker's :class:`WorkerStream`: a GenerateStream call on its own
-    HTTP/2 connection, served on the event loop (orchestrator/h2grpc/client.py)."""
+    HTTP/2 connection, served on the event loop (proto/ferry/rpc/client.py)."""
     def open_call() -> BidiCall:
         return BidiCall(address, "/ferry.v1.Worker/GenerateStream",
                         worker_pb2.GenerateStreamRequest.SerializeToString,

@@ -4,7 +4,7 @@ protocol"), because a gRPC call per request costs more CPU than the request itse
 
 The stream is one ``GenerateStream`` call made with ``open_call()`` (by default the stub's
 grpc.aio call; :class:`~orchestrator.frontend.worker_pool.WorkerPool` passes an
-:class:`orchestrator.h2grpc.client.BidiCall` on its own connection, which reads and writes
+:class:`ferry.rpc.client.BidiCall` on its own connection, which reads and writes
 on the event loop instead of through grpc's poller thread).
 
 :meth:`WorkerStream.generate` returns what a ``Worker.Generate`` call would (an async

@@ -1,4 +1,4 @@
-"""A raw HTTP/2 gRPC client for the orchestrator/h2grpc tests: frames written by hand over a
+"""A raw HTTP/2 gRPC client for the proto/ferry/rpc tests: frames written by hand over a
 blocking socket, for what grpc clients never do (bad prefaces, odd requests, tiny windows,
 resets, too many streams, protocol errors).
 
@@ -30,7 +30,7 @@ from typing import NamedTuple, Self
 
 import hpack
 
-from orchestrator.h2grpc import frames as fr
+from ferry.rpc import frames as fr
 
 RESPONSE = [(":status", "200"), ("content-type", "application/grpc")]
 

@@ -1,4 +1,4 @@
-"""The server side of the orchestrator/h2grpc tests: a GrpcServer on 127.0.0.1 (port 0) on an
+"""The server side of the proto/ferry/rpc tests: a GrpcServer on 127.0.0.1 (port 0) on an
 event loop in a thread of its own, serving small handlers that count what they see.
 
 - Methods (``UNARY``, ``STREAM``, ...): paths of the test service ``/test.Echo/*``. Unary
@@ -35,7 +35,7 @@ import threading
 import grpc
 import pytest
 
-from orchestrator.h2grpc import GrpcError, GrpcServer, ServerCall, Status
+from ferry.rpc import GrpcError, GrpcServer, ServerCall, Status
 from tests.helpers.h2_client import RawClient
 
 UNARY, STREAM, FAIL, BOOM, SLOW, META, GATE, WRONG_RETURN, WRONG_WRITE = (

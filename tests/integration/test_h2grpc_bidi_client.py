@@ -1,4 +1,4 @@
-"""orchestrator.h2grpc.client.BidiCall against a real grpc.aio server (127.0.0.1, port 0) on
+"""ferry.rpc.client.BidiCall against a real grpc.aio server (127.0.0.1, port 0) on
 the test's own event loop, serving raw-bytes stream-stream handlers of ``test.Bidi``:
 messages echoed in order (interleaved, all written then all read, 20,000 small ones, 1 MiB
 ones both ways, more than the client's 16 MiB receive window each way), done_writing ending
@@ -19,8 +19,8 @@ import socket
 import grpc
 import pytest
 
+from ferry.rpc.client import BidiCall
 from kvcache.transfer.grpc_transport import SERVER_OPTIONS as WORKER_OPTIONS
-from orchestrator.h2grpc.client import BidiCall
 
 SERVICE = "test.Bidi"
 OPTIONS = [("grpc.so_reuseport", 0),

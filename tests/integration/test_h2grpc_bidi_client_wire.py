@@ -1,4 +1,4 @@
-"""orchestrator.h2grpc.client.BidiCall against a raw HTTP/2 server written here (asyncio TCP on
+"""ferry.rpc.client.BidiCall against a raw HTTP/2 server written here (asyncio TCP on
 127.0.0.1, port 0, frames read and written by hand), for what a real gRPC server never does:
 the client's exact preamble; keepalive against a silent peer and one answering PINGs; resets,
 GOAWAYs, HTTP statuses, trailers-only statuses, a lost connection, protocol errors; the
@@ -20,9 +20,9 @@ import grpc
 import hpack
 import pytest
 
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.client import HIGH_WATER, RECV_WINDOW, BidiCall
-from orchestrator.h2grpc.frames import H2Error
+from ferry.rpc import frames as fr
+from ferry.rpc.client import HIGH_WATER, RECV_WINDOW, BidiCall
+from ferry.rpc.frames import H2Error
 from tests.helpers.h2_client import Frame, data, grpc_body
 
 METHOD = "/test.Bidi/Echo"

@@ -1,4 +1,4 @@
-"""orchestrator/h2grpc against grpcio clients (sync and grpc.aio, raw bytes, no stubs):
+"""proto/ferry/rpc against grpcio clients (sync and grpc.aio, raw bytes, no stubs):
 unary and server-streaming calls, big messages and long streams, status codes and details,
 unknown methods, the request size limit, client deadlines and cancels reaching the handler,
 compressed requests, metadata and deadline as the handler sees them, many calls at once.
@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 
-from orchestrator.h2grpc import Status
+from ferry.rpc import Status
 from tests.helpers import h2_server
 from tests.helpers.h2_server import (
     BOOM,

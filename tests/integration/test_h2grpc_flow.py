@@ -1,4 +1,4 @@
-"""orchestrator/h2grpc flow control and the end of calls, seen from a raw HTTP/2 client
+"""proto/ferry/rpc flow control and the end of calls, seen from a raw HTTP/2 client
 (tests/helpers/h2_client.py): stream and connection windows (tiny, changed by SETTINGS,
 overflowing), DATA frames within the client's max frame size, write() held above the high
 water mark, RST_STREAM, dropped connections and deadlines cancelling the handler, refused
@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from orchestrator.h2grpc import Status
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.call import HIGH_WATER
-from orchestrator.h2grpc.frames import H2Error
+from ferry.rpc import Status
+from ferry.rpc import frames as fr
+from ferry.rpc.call import HIGH_WATER
+from ferry.rpc.frames import H2Error
 from tests.helpers import h2_server
 from tests.helpers.h2_client import RESPONSE, Frame, RawClient, on, trailers_only
 from tests.helpers.h2_server import RETURN_NONE, SLOW, STREAM, UNARY, item, serving, stream_request

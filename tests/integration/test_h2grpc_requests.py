@@ -1,4 +1,4 @@
-"""What orchestrator/h2grpc answers to odd gRPC requests sent over a raw HTTP/2 client
+"""What proto/ferry/rpc answers to odd gRPC requests sent over a raw HTTP/2 client
 (tests/helpers/h2_client.py): wrong method or content type, zero, two or truncated request
 messages, a malformed grpc-timeout, compressed requests and compression errors, and handlers
 that return or write something else than bytes."""
@@ -12,9 +12,9 @@ import zlib
 
 import pytest
 
-from orchestrator.h2grpc import Status
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.frames import H2Error
+from ferry.rpc import Status
+from ferry.rpc import frames as fr
+from ferry.rpc.frames import H2Error
 from tests.helpers import h2_server
 from tests.helpers.h2_client import Frame, RawClient, data, grpc_body, on, trailers_only
 from tests.helpers.h2_server import SLOW, UNARY, WRONG_RETURN, WRONG_WRITE, serving

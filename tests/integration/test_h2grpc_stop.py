@@ -1,4 +1,4 @@
-"""orchestrator/h2grpc GrpcServer arguments, start() and binding, then stop(): GOAWAY and
+"""proto/ferry/rpc GrpcServer arguments, start() and binding, then stop(): GOAWAY and
 refused new calls at once, running calls finish within the grace, UNAVAILABLE after it, idle
 connections closed, nothing left open when stop() returns. Each test owns its server
 (tests/helpers/h2_server.serving)."""
@@ -11,9 +11,9 @@ import time
 import grpc
 import pytest
 
-from orchestrator.h2grpc import GrpcServer, Status
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.frames import H2Error
+from ferry.rpc import GrpcServer, Status
+from ferry.rpc import frames as fr
+from ferry.rpc.frames import H2Error
 from tests.helpers import h2_server
 from tests.helpers.h2_client import RawClient, goaway_of
 from tests.helpers.h2_server import (

@@ -1,4 +1,4 @@
-"""orchestrator/h2grpc at the HTTP/2 frame level, through a raw client that writes frames
+"""proto/ferry/rpc at the HTTP/2 frame level, through a raw client that writes frames
 by hand (tests/helpers/h2_client.py): the server's SETTINGS and HPACK use, the preface, PING,
 requests cut into many DATA or CONTINUATION frames, padded and PRIORITY frames, client
 trailers, header frames within the frame size, the client's GOAWAY, and connection errors
@@ -12,10 +12,10 @@ import struct
 import hpack
 import pytest
 
-from orchestrator.h2grpc import Status
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.connection import STREAM_WINDOW
-from orchestrator.h2grpc.frames import H2Error
+from ferry.rpc import Status
+from ferry.rpc import frames as fr
+from ferry.rpc.connection import STREAM_WINDOW
+from ferry.rpc.frames import H2Error
 from tests.helpers import h2_server
 from tests.helpers.h2_client import (
     RESPONSE,

@@ -1,4 +1,4 @@
-"""The pure functions of orchestrator/h2grpc/frames.py: frame bytes, SETTINGS payloads,
+"""The pure functions of proto/ferry/rpc/frames.py: frame bytes, SETTINGS payloads,
 grpc-timeout values, grpc-message percent-encoding, and the HPACK header blocks the server
 sends, decoded with the reference decoder (``hpack.Decoder``)."""
 
@@ -9,8 +9,8 @@ import urllib.parse
 import hpack
 import pytest
 
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.frames import H2Error, Status
+from ferry.rpc import frames as fr
+from ferry.rpc.frames import H2Error, Status
 
 RESPONSE = [(":status", "200"), ("content-type", "application/grpc")]
 

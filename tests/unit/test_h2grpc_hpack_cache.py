@@ -8,8 +8,8 @@ import random
 import hpack
 import pytest
 
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.hpack_cache import MAX_KEPT, BlockDecoder
+from ferry.rpc import frames as fr
+from ferry.rpc.hpack_cache import MAX_KEPT, BlockDecoder
 
 
 def _call(path: str, timeout: str | None, key: str) -> list[tuple[str, str]]:

@@ -2,8 +2,9 @@
 
 :class:`WorkerServer` wraps any :class:`~workers.engine.engine.LLMEngine` (torch runner or
 mocker) in an :class:`~workers.server.async_engine.AsyncEngine` and serves
-``ferry.v1.Worker`` on ``host:port`` with grpc.aio (port 0: the OS picks a free port;
-:meth:`WorkerServer.start` returns the bound address).
+``ferry.v1.Worker`` and ``ferry.v1.KvTransfer`` on ``host:port`` (port 0: the OS picks a free
+port; :meth:`WorkerServer.start` returns the bound address) with grpc.aio servicers run by
+:class:`ferry.rpc.aio_compat.AioCompatServer` (HTTP/2 on the event loop).
 
 Event plane (only when ``nats_url`` is set), through
 ``workers.server.event_publisher.EventPublisher`` (imported lazily; it connects in the
@@ -34,11 +35,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import grpc
-
+from ferry.rpc.aio_compat import AioCompatServer
 from ferry.v1 import worker_pb2_grpc
 from kvcache.events import KvEventBatch
-from kvcache.transfer.grpc_transport import SERVER_OPTIONS, KvTransferServicer
+from kvcache.transfer.grpc_transport import KvTransferServicer
 from kvcache.transfer.shm import SharedKvArena
 from kvcache.wire import LoadReport
 from workers.engine.engine import LLMEngine, StepResult
@@ -59,11 +59,9 @@ class WorkerRole(str, enum.Enum):
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # binds that listen on every interface
-# Frontends keep one GenerateStream per worker open and ping it when it is idle (every 20 s:
-# orchestrator/h2grpc/client.py); grpc's default policy counts a ping more often than every
-# 5 minutes without data as abuse and closes the connection after two.
-PING_POLICY = [("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-               ("grpc.keepalive_permit_without_calls", 1)]
+# What a worker's server accepts in one message (kvcache's SERVER_OPTIONS say the same to a
+# grpc.aio server holding KV).
+MAX_RECEIVE = 64 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,7 +244,7 @@ class WorkerServer:
         self.holder: HolderTransport | None = None  # what this worker's handles advertise
         self.aengine: AsyncEngine | None = None
         self.address: str | None = None
-        self._server: grpc.aio.Server | None = None
+        self._server: AioCompatServer | None = None
         self._service: WorkerService | None = None
         self._publisher = None
         self._forwarder: _EventForwarder | None = None
@@ -276,8 +274,10 @@ class WorkerServer:
         self.handles = HandleTable(self.aengine, cfg.worker_id, cfg.kv_handle_ttl_s)
         self.importer = KvImporter(self.aengine, cfg.kv_pull_timeout_s,
                                    grpc_only=cfg.kv_transport == "grpc")
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS,
-                                          *PING_POLICY])
+        # ferry.rpc, not grpc.aio: its calls are read and written on this loop instead of
+        # through grpc's poller thread (benchmarks/serve_overhead.py: the added latency at
+        # 1,000 requests/s about halves); the servicers are grpc.aio's, unchanged.
+        server = AioCompatServer(max_receive_message_length=MAX_RECEIVE)
         self._service = WorkerService(self.aengine, cfg.worker_id, cfg.model, cfg.role.value,
                                       stream_interval_s=cfg.stream_interval_s,
                                       handles=self.handles, importer=self.importer)

@@ -1,7 +1,9 @@
-"""What a method handler of :class:`~orchestrator.h2grpc.server.GrpcServer` sees: one call.
+"""What a method handler of :class:`~ferry.rpc.server.GrpcServer` sees: one call.
 
 A handler is ``async def handler(request: bytes, call: ServerCall) -> bytes | None``. It gets
 the call's one request message (serialized, decompressed) once the client has sent all of it.
+A method registered as :class:`StreamingRequests` instead gets a :class:`RequestStream` of
+the client's messages and runs from the moment the call's headers came.
 Every message it passes to ``await call.write(message)`` goes out at once (as far as HTTP/2
 flow control lets it; ``write`` waits while more than :data:`HIGH_WATER` bytes are held back
 for the peer); a message it returns goes out last, in the same write as the status. A unary
@@ -18,14 +20,17 @@ UNAVAILABLE.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from orchestrator.h2grpc.frames import Status
+from ferry.rpc.frames import Status
 
 if TYPE_CHECKING:
-    from orchestrator.h2grpc.connection import H2Connection, Stream
+    from ferry.rpc.connection import H2Connection, Stream
 
 HIGH_WATER = 256 * 1024  # bytes held back for the peer's flow control before write() waits
 
@@ -54,6 +59,10 @@ class ServerCall:
         self._conn = conn
         self._stream = stream
 
+    def cancelled(self) -> bool:
+        """The client cancelled the call, its deadline passed, or its connection is gone."""
+        return self._stream.reset or self._stream.expired
+
     def time_remaining(self) -> float | None:
         """Seconds to the deadline (None: no deadline)."""
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -65,4 +74,59 @@ class ServerCall:
 
 Handler = Callable[[bytes, ServerCall], Awaitable["bytes | None"]]
 
-__all__ = ["HIGH_WATER", "GrpcError", "Handler", "ServerCall"]
+
+class RequestStream:
+    """The request messages of a request-streaming call, as they come: ``await read()``
+    gives the next one (bytes) or None once the client ended its side; ``async for`` too."""
+
+    __slots__ = ("_closed", "_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[bytes] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+        self._closed = False
+
+    def push(self, message: bytes) -> None:
+        self._items.append(message)
+        self._wake()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> bytes | None:
+        while not self._items:
+            if self._closed:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        message = await self.read()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+
+@dataclass(frozen=True)
+class StreamingRequests:
+    """A method whose client sends a stream of messages (client- or bidi-streaming): the
+    handler is ``async def handler(requests: RequestStream, call: ServerCall)`` and starts
+    as soon as the call's headers came."""
+
+    handler: Callable[[RequestStream, ServerCall], Awaitable[bytes | None]]
+
+
+__all__ = ["HIGH_WATER", "GrpcError", "Handler", "RequestStream", "ServerCall",
+           "StreamingRequests"]

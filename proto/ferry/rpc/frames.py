@@ -18,6 +18,7 @@ with everything (:func:`trailers_only`).
 from __future__ import annotations
 
 import enum
+import socket
 import struct
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -188,6 +189,15 @@ def trailers_only(status: int, message: str = "", extra: bytes = b"") -> bytes:
 def http_status_only(code: int) -> bytes:
     """A plain HTTP response header block (for a request that is not gRPC at all)."""
     return b"\x08" + _string(str(code).encode())  # :status (static name 8), literal value
+
+
+def set_nodelay(transport) -> None:
+    """TCP_NODELAY on a transport's socket. asyncio sets it only for sockets it made or
+    whose ``proto`` says TCP; with Nagle on, a small frame waits for the peer's delayed ACK
+    (tens of milliseconds)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # ---------------------------------------------------------------------- gRPC request headers

@@ -28,19 +28,21 @@ port in use is an error.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from orchestrator.h2grpc.call import Handler
-from orchestrator.h2grpc.connection import H2Connection
+from ferry.rpc.call import Handler, StreamingRequests
+from ferry.rpc.connection import H2Connection
 
 DEFAULT_MAX_RECEIVE = 4 * 1024 * 1024  # as grpc's default
 DEFAULT_MAX_STREAMS = 1024
 
 
 class GrpcServer:
-    def __init__(self, methods: Mapping[str, Handler], *,
+    def __init__(self, methods: Mapping[str, Handler | StreamingRequests], *,
                  max_receive_message_length: int = DEFAULT_MAX_RECEIVE,
-                 max_concurrent_streams: int = DEFAULT_MAX_STREAMS) -> None:
+                 max_concurrent_streams: int = DEFAULT_MAX_STREAMS,
+                 resolve: Callable[[str], Handler | StreamingRequests | None] | None = None,
+                 ) -> None:
         for path in methods:
             if not (path.startswith("/") and path.count("/") == 2):
                 raise ValueError(f"a method path is /package.Service/Method, got {path!r}")
@@ -51,11 +53,21 @@ class GrpcServer:
             raise ValueError(f"max_concurrent_streams must be >= 1, got "
                              f"{max_concurrent_streams!r}")
         self.methods = dict(methods)
+        self._resolve = resolve
         self.max_receive_message_length = int(max_receive_message_length)
         self.max_concurrent_streams = int(max_concurrent_streams)
         self.connections: set[H2Connection] = set()
         self.stopping = False
         self._listener: asyncio.base_events.Server | None = None
+
+    def handler(self, path: str):
+        """The handler of ``path``: from ``methods``, else ``resolve(path)`` (kept), or None."""
+        handler = self.methods.get(path)
+        if handler is None and self._resolve is not None:
+            handler = self._resolve(path)
+            if handler is not None:
+                self.methods[path] = handler
+        return handler
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Listen on ``host:port`` (0: a free port); returns the port bound."""
@@ -70,6 +82,15 @@ class GrpcServer:
             raise OSError(e.errno, f"cannot bind {host}:{port} ({e.strerror}); choose another "
                                    f"port") from None
         return self._listener.sockets[0].getsockname()[1]
+
+    async def start_on(self, sock) -> int:
+        """Serve on a socket already bound and listening; returns its port."""
+        if self._listener is not None:
+            raise RuntimeError("the server is already started")
+        self.stopping = False
+        self._listener = await asyncio.get_running_loop().create_server(
+            lambda: H2Connection(self), sock=sock)
+        return sock.getsockname()[1]
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """GOAWAY, ``grace_s`` seconds for running calls, then close (module docstring)."""

@@ -46,12 +46,12 @@ from typing import Any
 
 import grpc
 
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.client_receive import RECV_WINDOW, Receiver
-from orchestrator.h2grpc.client_receive import SID as _SID
-from orchestrator.h2grpc.client_receive import error as _error
-from orchestrator.h2grpc.frames import H2Error
-from orchestrator.h2grpc.hpack_cache import BlockDecoder
+from ferry.rpc import frames as fr
+from ferry.rpc.client_receive import RECV_WINDOW, Receiver
+from ferry.rpc.client_receive import SID as _SID
+from ferry.rpc.client_receive import error as _error
+from ferry.rpc.frames import H2Error
+from ferry.rpc.hpack_cache import BlockDecoder
 
 HIGH_WATER = 256 * 1024
 KEEPALIVE_S = 20.0
@@ -194,6 +194,7 @@ class BidiCall(Receiver, asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        fr.set_nodelay(transport)
         if self._done is not None:  # cancelled while connecting
             transport.close()
             return

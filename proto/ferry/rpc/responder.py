@@ -1,4 +1,4 @@
-"""The response side of a connection (a mixin of :class:`~orchestrator.h2grpc.connection.
+"""The response side of a connection (a mixin of :class:`~ferry.rpc.connection.
 H2Connection`, which owns the state it uses): a call's handler task, its messages under the
 client's flow-control windows (their WINDOW_UPDATE and SETTINGS frames), its status.
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.call import HIGH_WATER, GrpcError, ServerCall
-from orchestrator.h2grpc.frames import H2Error, Status
+from ferry.rpc import frames as fr
+from ferry.rpc.call import HIGH_WATER, GrpcError, ServerCall
+from ferry.rpc.frames import H2Error, Status
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class Stream:
         "expired",
         "handler",
         "headers_sent",
+        "inbox",
         "out",
         "recv_unacked",
         "remote_closed",
@@ -62,6 +63,7 @@ class Stream:
         self.encoding: str | None = None
         self.call: ServerCall | None = None
         self.handler = None
+        self.inbox = None  # RequestStream of a request-streaming call
 
 
 

@@ -1,4 +1,4 @@
-"""The receiving side of :class:`~orchestrator.h2grpc.client.BidiCall` (a mixin; the call
+"""The receiving side of :class:`~ferry.rpc.client.BidiCall` (a mixin; the call
 owns the state it uses): frames from the server parsed as they come, DATA credited back and
 cut into response messages for ``read``, header blocks decoded, the status that ends the
 call, the server's SETTINGS, PINGs, resets and GOAWAY (client.py's docstring states the
@@ -12,8 +12,8 @@ from urllib.parse import unquote
 
 import grpc
 
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.frames import H2Error
+from ferry.rpc import frames as fr
+from ferry.rpc.frames import H2Error
 
 SID = 1  # the call's stream: the only one on its connection
 RECV_WINDOW = 16 << 20  # what the client announces, per stream and per connection

@@ -38,11 +38,11 @@ import zlib
 
 import hpack
 
-from orchestrator.h2grpc import frames as fr
-from orchestrator.h2grpc.call import GrpcError, ServerCall
-from orchestrator.h2grpc.frames import H2Error, Status
-from orchestrator.h2grpc.hpack_cache import BlockDecoder
-from orchestrator.h2grpc.responder import Responder, Stream
+from ferry.rpc import frames as fr
+from ferry.rpc.call import GrpcError, RequestStream, ServerCall, StreamingRequests
+from ferry.rpc.frames import H2Error, Status, set_nodelay
+from ferry.rpc.hpack_cache import BlockDecoder
+from ferry.rpc.responder import Responder, Stream
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class H2Connection(Responder, asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.server.connections.add(self)
@@ -250,7 +251,7 @@ class H2Connection(Responder, asyncio.Protocol):
         if ctype is None or not ctype.startswith("application/grpc"):
             self._answer_http(stream, 415)
             return
-        handler = self.server.methods.get(path)
+        handler = self.server.handler(path)
         if handler is None:
             self._answer(stream, Status.UNIMPLEMENTED, f"unknown method {path}")
             return
@@ -272,7 +273,13 @@ class H2Connection(Responder, asyncio.Protocol):
         stream.handler = handler
         stream.call = ServerCall(self, stream, path, tuple(metadata), deadline, self.peer)
         self._streams[sid] = stream
-        if stream.remote_closed:
+        if isinstance(handler, StreamingRequests):
+            stream.inbox = RequestStream()
+            stream.task = asyncio.get_running_loop().create_task(
+                self._serve(stream, handler.handler, stream.inbox))
+            if stream.remote_closed:
+                stream.inbox.close()
+        elif stream.remote_closed:
             self._end_of_request(stream)
 
     def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
@@ -298,13 +305,45 @@ class H2Connection(Responder, asyncio.Protocol):
                       f"the request is larger than the server's limit of "
                       f"{self.server.max_receive_message_length} bytes")
             return
-        if flags & fr.END_STREAM:
+        if stream.inbox is not None:
+            if not self._take_messages(stream, bool(flags & fr.END_STREAM)):
+                return
+        elif flags & fr.END_STREAM:
             self._end_of_request(stream)
+            return
+        if flags & fr.END_STREAM:
             return
         stream.recv_unacked += length
         if stream.recv_unacked >= STREAM_WINDOW // 2:
             self.transport.write(fr.window_update(sid, stream.recv_unacked))
             stream.recv_unacked = 0
+
+    def _take_messages(self, stream: Stream, end: bool) -> bool:
+        """Hand a request-streaming call the messages its body now holds (False: the call
+        ended on a bad one)."""
+        body = stream.body
+        pos = 0
+        while len(body) - pos >= 5:
+            compressed, n = fr.MESSAGE_PREFIX.unpack_from(body, pos)
+            if len(body) - pos - 5 < n:
+                break
+            message = bytes(body[pos + 5:pos + 5 + n])
+            pos += 5 + n
+            if compressed:
+                try:
+                    message = self._decompress(stream.encoding, message)
+                except GrpcError as e:
+                    self._end(stream, e.code, e.message)
+                    return False
+            stream.inbox.push(message)
+        del body[:pos]
+        if end:
+            stream.remote_closed = True
+            if body:
+                self._end(stream, Status.INTERNAL, "the last request message is truncated")
+                return False
+            stream.inbox.close()
+        return True
 
     def _end_of_request(self, stream: Stream) -> None:
         stream.remote_closed = True
