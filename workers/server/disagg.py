@@ -32,7 +32,8 @@ Decode side (:class:`KvImporter`), Generate with ``remote_prefill``:
    when nothing was pulled; the holder's TTL covers a release that cannot get through);
 6. the request is added as a plain request; its prefix lookup finds the imported blocks.
 
-A decode stream cancelled during the pull frees the reservation and releases the handle.
+A decode stream cancelled while its blocks are being reserved or pulled frees the reservation
+(once the engine thread has made it, if the cancel came first) and the handle is released.
 """
 
 from __future__ import annotations
@@ -201,7 +202,15 @@ class KvImporter:
     async def _import(self, owner: str, info: KvHandleInfo, tokens: tuple[int, ...]
                       ) -> ImportOutcome:
         hashes = tuple(info.block_hashes)
-        plan: ImportPlan = await self.aengine.call(lambda e: plan_import(e, hashes, owner))
+        planning = asyncio.ensure_future(
+            self.aengine.call(lambda e: plan_import(e, hashes, owner)))
+        try:
+            plan: ImportPlan = await asyncio.shield(planning)
+        except asyncio.CancelledError:
+            # The engine thread reserves the blocks whether or not anyone waits: once it has,
+            # give them back (the holder's TTL releases the handle).
+            planning.add_done_callback(self._abandon_when_planned)
+            raise
         if plan.hold_id is None:
             self._release_on_holder(info)
             reason = "no free blocks for the pull" if plan.no_room else None
@@ -223,6 +232,15 @@ class KvImporter:
         self.pulls_by_transport[result.transport] = \
             self.pulls_by_transport.get(result.transport, 0) + 1
         return ImportOutcome(plan.pull_blocks, plan.skip_blocks, None)
+
+    def _abandon_when_planned(self, planning: asyncio.Future) -> None:
+        if planning.cancelled() or planning.exception() is not None:
+            return
+        plan = planning.result()
+        if plan.hold_id is not None:
+            task = asyncio.get_running_loop().create_task(self._abandon(plan))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     async def _abandon(self, plan: ImportPlan) -> None:
         # shielded: a cancelled request must still give its reservation back
