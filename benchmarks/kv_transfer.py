@@ -93,7 +93,8 @@ def blocks_crc(view: KvCacheView, block_ids) -> int:
     return value
 
 
-def holder_main(layout_dict: dict, name: str, commands, replies) -> None:
+def holder_main(layout_dict: dict, name: str, commands, replies,
+                server_kind: str = "ferry") -> None:
     """The prefill process: caches in a SharedKvArena, a KvTransfer server over them."""
     import grpc
 
@@ -119,7 +120,13 @@ def holder_main(layout_dict: dict, name: str, commands, replies) -> None:
                 torch.randint(-32768, 32767, cache.shape, dtype=torch.int16, generator=g))
         registry = HandleRegistry(600.0, lambda info: None)
         servicer = KvTransferServicer(registry, arena.view)
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        if server_kind == "ferry":  # what a worker runs (workers/server/worker.py)
+            from ferry.rpc.aio_compat import AioCompatServer
+            from workers.server.worker import MAX_RECEIVE
+
+            server = AioCompatServer(max_receive_message_length=MAX_RECEIVE)
+        else:
+            server = grpc.aio.server(options=SERVER_OPTIONS)
         servicer.add_to_server(server)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "bench.Bare", {"Pull": grpc.unary_stream_rpc_method_handler(bare_stream)}),))
@@ -218,7 +225,8 @@ def run_size(nbytes: int, reps: int, args) -> list[tuple[str, list[float]]]:
     name = f"ferry-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     ctx = multiprocessing.get_context("spawn")
     commands, replies = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=holder_main, args=(layout.to_dict(), name, commands, replies),
+    proc = ctx.Process(target=holder_main, args=(layout.to_dict(), name, commands, replies,
+                                                 args.holder_server),
                        daemon=True)
     proc.start()
     try:
@@ -306,6 +314,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8, help="KV heads")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--holder-server", choices=("ferry", "grpc.aio"), default="ferry",
+                        help="the holder's gRPC server: ferry.rpc's AioCompatServer (what "
+                             "workers run) or grpc.aio's")
     parser.add_argument("--pulls", default="shm,grpc,bare,tcp",
                         help="what to measure: shm, grpc, bare (grpcio's own ceiling), tcp "
                              "(the plain TCP ceiling)")

@@ -261,14 +261,9 @@ def test_statuses_of_abort_exception_set_code_and_unknown_method(kind):
     run(main())
 
 
-COMPAT_BUG = pytest.mark.xfail(strict=True, reason=(
-    "bug: _adapt ends the call UNKNOWN when the behaviour raises, whatever set_code said "
-    "(grpc.aio keeps that code), and calls a plain (not async) behaviour on the loop then "
-    "awaits its result (grpc.aio runs it in its thread pool and sends what it returns); "
-    "so a generated servicer's method left unimplemented answers UNKNOWN, not UNIMPLEMENTED"))
 
 
-@pytest.mark.parametrize("kind", [pytest.param("compat", marks=COMPAT_BUG), "grpc.aio"])
+@pytest.mark.parametrize("kind", ["compat", "grpc.aio"])
 def test_set_code_then_raise_plain_functions_and_unimplemented_generated_methods(kind):
     async def main():
         async with serving(kind=kind) as (_, channel, _port):
@@ -348,13 +343,9 @@ def test_add_insecure_port_returns_the_port_or_0_when_in_use():
     run(main())
 
 
-TWO_PORTS_BUG = pytest.mark.xfail(strict=True, reason=(
-    "bug: add_insecure_port keeps only the last socket it bound (self._sock); an earlier "
-    "one is dropped (closed when collected), so connections to its port are refused; "
-    "grpc.aio serves every port added"))
 
 
-@pytest.mark.parametrize("kind", [pytest.param("compat", marks=TWO_PORTS_BUG), "grpc.aio"])
+@pytest.mark.parametrize("kind", ["compat", "grpc.aio"])
 def test_every_added_port_is_served(kind):
     async def main():
         server = AioCompatServer() if kind == "compat" else grpc.aio.server()

@@ -99,13 +99,27 @@ def _adapt(h: grpc.RpcMethodHandler):
     def out(message) -> bytes:
         return ser(message) if ser else message
 
-    async def respond(result, call: ServerCall, ctx: Context):
-        if inspect.isasyncgen(result):
-            async for item in result:
-                await call.write(out(item))
-            ctx._status()
-            return None
-        value = await result
+    async def respond(behaviour, request, call: ServerCall, ctx: Context):
+        try:
+            result = behaviour(request, ctx)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    await call.write(out(item))
+                value = None
+            elif inspect.isawaitable(result):
+                value = await result
+            elif inspect.isgenerator(result):  # a plain (sync) streaming behaviour
+                for item in result:
+                    await call.write(out(item))
+                value = None
+            else:  # a plain (sync) behaviour, e.g. a generated servicer's unimplemented one
+                value = result
+        except GrpcError:
+            raise
+        except Exception as exc:  # a code set before the failure is the answer, as grpc.aio
+            if ctx._code is not None and ctx._code is not grpc.StatusCode.OK:
+                raise GrpcError(ctx._code.value[0], ctx._details) from exc
+            raise
         ctx._status()
         return None if value is None else out(value)
 
@@ -115,7 +129,7 @@ def _adapt(h: grpc.RpcMethodHandler):
         async def unary(data: bytes, call: ServerCall):
             ctx = Context(call, serialize=ser)
             try:
-                return await respond(behaviour(deser(data) if deser else data, ctx), call, ctx)
+                return await respond(behaviour, deser(data) if deser else data, call, ctx)
             finally:
                 ctx._ended()
         return unary
@@ -129,7 +143,7 @@ def _adapt(h: grpc.RpcMethodHandler):
             async for data in requests:
                 yield deser(data) if deser else data
         try:
-            return await respond(behaviour(request_iterator(), ctx), call, ctx)
+            return await respond(behaviour, request_iterator(), call, ctx)
         finally:
             ctx._ended()
     return StreamingRequests(streaming)
@@ -142,7 +156,7 @@ class AioCompatServer:
         self._generic: list = []
         self._server = GrpcServer({}, max_receive_message_length=max_receive_message_length,
                                   resolve=self._resolve)
-        self._sock: socket.socket | None = None
+        self._socks: list[socket.socket] = []
         self._stopped = asyncio.Event()
 
     def add_generic_rpc_handlers(self, handlers) -> None:
@@ -173,13 +187,13 @@ class AioCompatServer:
             sock.close()
             return 0
         sock.setblocking(False)
-        self._sock = sock
+        self._socks.append(sock)
         return sock.getsockname()[1]
 
     async def start(self) -> None:
-        if self._sock is None:
+        if not self._socks:
             raise RuntimeError("add_insecure_port first")
-        await self._server.start_on(self._sock)
+        await self._server.start_on(*self._socks)
 
     async def stop(self, grace: float | None) -> None:
         await self._server.stop(3600.0 if grace is None else grace)

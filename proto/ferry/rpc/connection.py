@@ -212,7 +212,10 @@ class H2Connection(Responder, asyncio.Protocol):
         stream = self._streams.get(sid)
         if stream is not None:  # trailers from the client: they end its side
             if flags & fr.END_STREAM and not stream.remote_closed:
-                self._end_of_request(stream)
+                if stream.inbox is not None:
+                    self._take_messages(stream, True)
+                else:
+                    self._end_of_request(stream)
             return
         if sid % 2 == 0:
             self._fail(H2Error.PROTOCOL_ERROR, f"HEADERS on even stream {sid}")

@@ -250,8 +250,8 @@ class Responder:
             stream.timer.cancel()
             stream.timer = None
         task = stream.task
-        if stream.reset and task is not None and not task.done():
-            task.cancel()
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()  # reset by the client, or ended here while its handler still ran
         if self._waiters:
             self._wake()
         if not self._streams and (self._goaway_sent or self._peer_goaway) and not self._closed:

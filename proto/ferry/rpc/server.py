@@ -58,7 +58,7 @@ class GrpcServer:
         self.max_concurrent_streams = int(max_concurrent_streams)
         self.connections: set[H2Connection] = set()
         self.stopping = False
-        self._listener: asyncio.base_events.Server | None = None
+        self._listeners: list[asyncio.base_events.Server] = []
 
     def handler(self, path: str):
         """The handler of ``path``: from ``methods``, else ``resolve(path)`` (kept), or None."""
@@ -71,32 +71,35 @@ class GrpcServer:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Listen on ``host:port`` (0: a free port); returns the port bound."""
-        if self._listener is not None:
+        if self._listeners:
             raise RuntimeError("the server is already started")
         loop = asyncio.get_running_loop()
         self.stopping = False
         try:
-            self._listener = await loop.create_server(lambda: H2Connection(self), host, port,
-                                                      reuse_port=reuse_port or None)
+            listener = await loop.create_server(lambda: H2Connection(self), host, port,
+                                                reuse_port=reuse_port or None)
         except OSError as e:
             raise OSError(e.errno, f"cannot bind {host}:{port} ({e.strerror}); choose another "
                                    f"port") from None
-        return self._listener.sockets[0].getsockname()[1]
+        self._listeners.append(listener)
+        return listener.sockets[0].getsockname()[1]
 
-    async def start_on(self, sock) -> int:
-        """Serve on a socket already bound and listening; returns its port."""
-        if self._listener is not None:
+    async def start_on(self, *socks) -> int:
+        """Serve on sockets already bound and listening; returns the first one's port."""
+        if self._listeners:
             raise RuntimeError("the server is already started")
         self.stopping = False
-        self._listener = await asyncio.get_running_loop().create_server(
-            lambda: H2Connection(self), sock=sock)
-        return sock.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        for sock in socks:
+            self._listeners.append(await loop.create_server(lambda: H2Connection(self),
+                                                            sock=sock))
+        return socks[0].getsockname()[1]
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """GOAWAY, ``grace_s`` seconds for running calls, then close (module docstring)."""
         self.stopping = True
-        if self._listener is not None:
-            self._listener.close()
+        for listener in self._listeners:
+            listener.close()
         for conn in list(self.connections):
             conn.begin_shutdown()
         tasks = [t for conn in self.connections for t in conn.running_tasks()]
@@ -112,7 +115,7 @@ class GrpcServer:
             conn.close()
         if conns:  # their connection_lost runs in a later loop iteration
             await asyncio.wait([c.lost for c in conns], timeout=1.0)
-        self._listener = None
+        self._listeners = []
 
 
 __all__ = ["DEFAULT_MAX_RECEIVE", "DEFAULT_MAX_STREAMS", "GrpcServer"]
