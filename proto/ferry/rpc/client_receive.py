@@ -24,7 +24,6 @@ _HTTP_STATUS = {"400": grpc.StatusCode.INTERNAL, "401": grpc.StatusCode.UNAUTHEN
                 "403": grpc.StatusCode.PERMISSION_DENIED, "404": grpc.StatusCode.UNIMPLEMENTED,
                 "429": grpc.StatusCode.UNAVAILABLE, "502": grpc.StatusCode.UNAVAILABLE,
                 "503": grpc.StatusCode.UNAVAILABLE, "504": grpc.StatusCode.UNAVAILABLE}
-_unpack_header = fr.FRAME_HEADER.unpack_from
 
 
 def error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -39,19 +38,10 @@ class Receiver:
         self._last_rx = self._loop.time()
         buf = self._buf
         buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 9 and self._done is None:
-            lt, flags, sid = _unpack_header(buf, pos)
-            length, ftype = lt >> 8, lt & 0xFF
-            if length > fr.DEFAULT_MAX_FRAME:
-                self._fail(H2Error.FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+        frames, used, too_big = fr.read_frames(buf)
+        for ftype, flags, sid, payload in frames:
+            if self._done is not None:
                 return
-            if end - pos - 9 < length:
-                break
-            start = pos + 9
-            pos = start + length
-            sid &= 0x7FFFFFFF
-            payload = bytes(buf[start:pos])
             if ftype == fr.DATA:
                 self._on_data(flags, sid, payload)
             elif ftype == fr.HEADERS or ftype == fr.CONTINUATION:
@@ -77,7 +67,10 @@ class Receiver:
                     self._finish(error(grpc.StatusCode.UNAVAILABLE,
                                         f"the server closed the connection (GOAWAY {code}: "
                                         f"{payload[8:200]!r})"))
-        del buf[:pos]
+        if too_big and self._done is None:
+            self._fail(H2Error.FRAME_SIZE_ERROR, f"a frame of {too_big} bytes")
+            return
+        del buf[:used]
 
     def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
         n = len(payload)

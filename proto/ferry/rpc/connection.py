@@ -52,7 +52,6 @@ MAX_HEADER_BLOCK = 64 * 1024  # bytes of one header block (HEADERS + CONTINUATIO
 _ACCEPT_ENCODING = fr.literal(b"grpc-accept-encoding", b"identity,deflate,gzip")
 _GRPC_HEADERS = frozenset(("content-type", "te", "grpc-timeout", "grpc-encoding",
                            "grpc-accept-encoding"))
-_unpack_header = fr.FRAME_HEADER.unpack_from
 
 
 class H2Connection(Responder, asyncio.Protocol):
@@ -127,19 +126,10 @@ class H2Connection(Responder, asyncio.Protocol):
                 return
             del buf[:n]
             self._preface = True
-        pos, end = 0, len(buf)
-        while end - pos >= 9 and not self._closed:
-            lt, flags, sid = _unpack_header(buf, pos)
-            length, ftype = lt >> 8, lt & 0xFF
-            if length > fr.DEFAULT_MAX_FRAME:
-                self._fail(H2Error.FRAME_SIZE_ERROR, f"a frame of {length} bytes (max 16384)")
+        frames, used, too_big = fr.read_frames(buf)
+        for ftype, flags, sid, payload in frames:
+            if self._closed:
                 return
-            if end - pos - 9 < length:
-                break
-            start = pos + 9
-            pos = start + length
-            sid &= 0x7FFFFFFF
-            payload = bytes(buf[start:pos])
             if self._cont is not None and ftype != fr.CONTINUATION:
                 self._fail(H2Error.PROTOCOL_ERROR, "a header block was interrupted")
                 return
@@ -168,8 +158,10 @@ class H2Connection(Responder, asyncio.Protocol):
             elif ftype == fr.PUSH_PROMISE:
                 self._fail(H2Error.PROTOCOL_ERROR, "a client may not push")
             # PRIORITY and unknown frame types are ignored.
+        if too_big and not self._closed:
+            self._fail(H2Error.FRAME_SIZE_ERROR, f"a frame of {too_big} bytes (max 16384)")
         if not self._closed:
-            del buf[:pos]
+            del buf[:used]
 
     # ------------------------------------------------------------------ receiving
 

@@ -91,6 +91,26 @@ def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes
     return FRAME_HEADER.pack(len(payload) << 8 | ftype, flags, stream_id) + payload
 
 
+def read_frames(buf: bytearray) -> tuple[list[tuple[int, int, int, bytes]], int, int]:
+    """The whole frames at the start of ``buf``: ``[(type, flags, stream id, payload)]``, the
+    bytes they take, and the length announced by a frame over DEFAULT_MAX_FRAME where one
+    comes next (0: none; nothing after it is read)."""
+    frames = []
+    pos, end = 0, len(buf)
+    unpack = FRAME_HEADER.unpack_from
+    while end - pos >= 9:
+        lt, flags, sid = unpack(buf, pos)
+        length = lt >> 8
+        if length > DEFAULT_MAX_FRAME:
+            return frames, pos, length
+        if end - pos - 9 < length:
+            break
+        start = pos + 9
+        pos = start + length
+        frames.append((lt & 0xFF, flags, sid & 0x7FFFFFFF, bytes(buf[start:pos])))
+    return frames, pos, 0
+
+
 def settings_payload(pairs: dict[int, int]) -> bytes:
     return b"".join(struct.pack(">HI", k, v) for k, v in pairs.items())
 
