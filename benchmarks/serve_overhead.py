@@ -39,19 +39,21 @@ makes the worker dearer per request: the numbers move together. At 1,000 request
 half the added latency is the engine itself running slower than in-process (it shares the
 two cores with the frontend and the load generator), the rest the hops between processes.
 
-The gRPC path does not use grpc.aio in the frontend: every operation of a grpc.aio call
-(accepting it, reading the request, each message, the status) completes on grpc's poller
-thread, which wakes the event loop through a socket: ~0.4 ms of CPU a call at 1,000 calls/s
-for a bare server streaming two messages. The ferry.v1 API is served by
-proto/ferry/rpc (HTTP/2 and the gRPC wire format on the event loop: ~0.09 ms for the
-same call), and each worker's GenerateStream is read and written by its BidiCall client the
-same way. Measured in one session (medians of paired runs, ``--paths inprocess,grpc
---concurrency 64 --seconds 4``): grpc.aio server and client, 1,500-1,900 requests/s closed
-loop, +p50 ~4.5-5.7 ms at 1,000 requests/s; h2grpc server, 1,900-3,000 requests/s, +p50
-~3.8-5.0; both, 2,800-3,100 requests/s, +p50 ~3.2 (frontend CPU at 1,000 requests/s 0.68 ->
-0.40 ms a request). The workers still serve gRPC with grpc.aio. Runs of the same code vary
-a lot on this 2-core VM (+p50 from 2.6 to 5.8 ms in six runs of the last setup): compare
-medians of several runs.
+No grpc.aio on the serving path: every operation of a grpc.aio call (accepting it, reading
+the request, each message, the status) completes on grpc's poller thread, which wakes the
+event loop through a socket: ~0.4 ms of CPU a call at 1,000 calls/s for a bare server
+streaming two messages. ferry.rpc (proto/ferry/rpc: HTTP/2 and the gRPC wire format on the
+event loop, ~0.09 ms for the same call) serves the frontends' ferry.v1 API, runs the
+workers' grpc.aio servicers (AioCompatServer), and is the frontends' GenerateStream client
+(BidiCall). Measured in one session (medians of paired runs, ``--paths inprocess,grpc
+--concurrency 64 --seconds 4``): all grpc.aio, 1,500-1,900 requests/s closed loop, +p50
+~4.5-5.7 ms at 1,000 requests/s; ferry.rpc in the frontend only (server and GenerateStream
+client), 2,800-3,100 requests/s, +p50 ~3.2 (frontend CPU at 1,000 requests/s 0.68 -> 0.40 ms
+a request; six runs from 2.6 to 5.8 ms); ferry.rpc in the worker too, 3,100-3,500
+requests/s, +p50 1.6-2.0 ms in six rounds. The servers set TCP_NODELAY on every
+connection themselves: a listening socket made without IPPROTO_TCP gets no NODELAY from
+asyncio, and small frames then waited ~30 ms for delayed ACKs. Runs of the same code still
+vary on this 2-core VM: ``--rounds`` takes the median of several.
 
 Processes, all on 127.0.0.1 (see benchmarks/serve_procs.py and benchmarks/serve_load.py):
 one mocker worker (``serve_procs.py worker``: WorkerServer over a mocker LLMEngine, timing
