@@ -70,7 +70,9 @@ class Context:
         return self._call.metadata
 
     def peer(self) -> str:
-        return f"ipv4:{self._call.peer}"
+        host = self._call.peer.rpartition(":")[0]
+        return f"ipv6:[{host}]:{self._call.peer.rpartition(':')[2]}" if ":" in host \
+            else f"ipv4:{self._call.peer}"
 
     def time_remaining(self) -> float | None:
         return self._call.time_remaining()
