@@ -34,14 +34,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 
 import hpack
 
 from ferry.rpc import frames as fr
-from ferry.rpc.call import GrpcError, RequestStream, ServerCall, StreamingRequests
+from ferry.rpc.call import RequestStream, ServerCall, StreamingRequests
 from ferry.rpc.frames import H2Error, Status, set_nodelay
 from ferry.rpc.hpack_cache import BlockDecoder
+from ferry.rpc.request_messages import RequestMessages
 from ferry.rpc.responder import Responder, Stream
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ _GRPC_HEADERS = frozenset(("content-type", "te", "grpc-timeout", "grpc-encoding"
                            "grpc-accept-encoding"))
 
 
-class H2Connection(Responder, asyncio.Protocol):
+class H2Connection(RequestMessages, Responder, asyncio.Protocol):
     def __init__(self, server) -> None:
         self.server = server  # GrpcServer: methods, limits, the set of connections
         self.transport: asyncio.Transport | None = None
@@ -312,72 +312,6 @@ class H2Connection(Responder, asyncio.Protocol):
         if stream.recv_unacked >= STREAM_WINDOW // 2:
             self.transport.write(fr.window_update(sid, stream.recv_unacked))
             stream.recv_unacked = 0
-
-    def _take_messages(self, stream: Stream, end: bool) -> bool:
-        """Hand a request-streaming call the messages its body now holds (False: the call
-        ended on a bad one)."""
-        body = stream.body
-        pos = 0
-        while len(body) - pos >= 5:
-            compressed, n = fr.MESSAGE_PREFIX.unpack_from(body, pos)
-            if len(body) - pos - 5 < n:
-                break
-            message = bytes(body[pos + 5:pos + 5 + n])
-            pos += 5 + n
-            if compressed:
-                try:
-                    message = self._decompress(stream.encoding, message)
-                except GrpcError as e:
-                    self._end(stream, e.code, e.message)
-                    return False
-            stream.inbox.push(message)
-        del body[:pos]
-        if end:
-            stream.remote_closed = True
-            if body:
-                self._end(stream, Status.INTERNAL, "the last request message is truncated")
-                return False
-            stream.inbox.close()
-        return True
-
-    def _end_of_request(self, stream: Stream) -> None:
-        stream.remote_closed = True
-        body = stream.body
-        stream.body = bytearray()
-        if len(body) < 5:
-            self._end(stream, Status.INTERNAL, "the call carried no request message")
-            return
-        compressed, n = fr.MESSAGE_PREFIX.unpack_from(body)
-        if 5 + n != len(body):
-            self._end(stream, Status.INTERNAL,
-                      "this method takes exactly one request message" if 5 + n < len(body)
-                      else "the request message is truncated")
-            return
-        request = bytes(body[5:])
-        if compressed:
-            try:
-                request = self._decompress(stream.encoding, request)
-            except GrpcError as e:
-                self._end(stream, e.code, e.message)
-                return
-        stream.task = asyncio.get_running_loop().create_task(
-            self._serve(stream, stream.handler, request))
-
-    def _decompress(self, encoding: str | None, data: bytes) -> bytes:
-        if encoding in (None, "identity"):
-            raise GrpcError(Status.INTERNAL, "a compressed message without grpc-encoding")
-        limit = self.server.max_receive_message_length
-        d = zlib.decompressobj(31 if encoding == "gzip" else 15)
-        try:
-            out = d.decompress(data, limit + 1)
-        except zlib.error as e:
-            raise GrpcError(Status.INTERNAL, f"cannot decompress the request: {e}") from None
-        if len(out) <= limit and not d.eof:
-            raise GrpcError(Status.INTERNAL, "the compressed request is truncated")
-        if len(out) > limit:
-            raise GrpcError(Status.RESOURCE_EXHAUSTED,
-                            f"the request is larger than the server's limit of {limit} bytes")
-        return out
 
     def _on_rst(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4 or sid == 0:
