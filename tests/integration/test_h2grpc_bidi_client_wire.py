@@ -1,165 +1,37 @@
-"""ferry.rpc.client.BidiCall against a raw HTTP/2 server written here (asyncio TCP on
-127.0.0.1, port 0, frames read and written by hand), for what a real gRPC server never does:
-the client's exact preamble; keepalive against a silent peer and one answering PINGs; resets,
-GOAWAYs, HTTP statuses, trailers-only statuses, a lost connection, protocol errors; the
-server's INITIAL_WINDOW_SIZE and MAX_FRAME_SIZE honoured (and write() held back past
-HIGH_WATER); PINGs answered; responses cut into one-byte, padded and CONTINUATION frames.
+"""ferry.rpc.client.BidiCall against a raw HTTP/2 server (tests/helpers/h2_raw_server.py),
+for what a real gRPC server never does: the client's exact preamble; keepalive against a
+silent peer and one answering PINGs; resets, GOAWAYs, HTTP statuses, trailers-only statuses, a
+lost connection, a failing deserializer; a cancel while connecting; PINGs answered.
 
 Each test runs a *script*: the server's side of its one connection (``Peer``), whose result or
-failure the test awaits. Real-server tests: test_h2grpc_bidi_client.py.
+failure the test awaits. Flow control, frame sizes, held writes and responses cut into small
+frames: test_h2grpc_bidi_client_flow.py. Real-server tests: test_h2grpc_bidi_client.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import time
 
 import grpc
-import hpack
 import pytest
 
 from ferry.rpc import frames as fr
-from ferry.rpc.client import HIGH_WATER, RECV_WINDOW, BidiCall
+from ferry.rpc.client import RECV_WINDOW
 from ferry.rpc.frames import H2Error
-from tests.helpers.h2_client import Frame, data, grpc_body
-
-METHOD = "/test.Bidi/Echo"
-RESPONSE = fr.frame(fr.HEADERS, fr.END_HEADERS, 1, fr.response_headers())
-OK_TRAILERS = fr.frame(fr.HEADERS, fr.END_HEADERS | fr.END_STREAM, 1, fr.trailers(0))
-OK_ONLY = fr.frame(fr.HEADERS, fr.END_HEADERS | fr.END_STREAM, 1, fr.trailers_only(0))
-
-
-def run(coro, timeout: float = 10.0):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def async_test(fn):
-    """A sync test running the coroutine function ``fn`` (its parameters kept for pytest)."""
-    @functools.wraps(fn)
-    def test(*args, **kwargs):
-        return run(fn(*args, **kwargs))
-    return test
-
-
-class Peer:
-    """The server's side of one connection; every read has a timeout."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.decoder = hpack.Decoder()
-        self._pings = 0
-
-    def send(self, *chunks: bytes) -> None:
-        self.writer.write(b"".join(chunks))
-
-    async def frame(self, timeout: float = 5.0) -> Frame | None:
-        """The next frame; None once the client closed the connection."""
-        try:
-            head = await asyncio.wait_for(self.reader.readexactly(9), timeout)
-        except asyncio.IncompleteReadError as e:
-            assert not e.partial, f"the connection closed inside a frame: {e.partial!r}"
-            return None
-        length_type, flags, sid = fr.FRAME_HEADER.unpack(head)
-        payload = await asyncio.wait_for(self.reader.readexactly(length_type >> 8), timeout)
-        return Frame(length_type & 0xFF, flags, sid & 0x7FFFFFFF, payload)
-
-    async def until(self, predicate) -> list[Frame]:
-        frames = []
-        while True:
-            f = await self.frame()
-            assert f is not None, f"the client closed the connection; frames read: {frames}"
-            frames.append(f)
-            if predicate(f):
-                return frames
-
-    async def rest(self) -> list[Frame]:
-        """Every frame until the client closes the connection."""
-        frames = []
-        while (f := await self.frame()) is not None:
-            frames.append(f)
-        return frames
-
-    async def open(self, settings: dict[int, int] | None = None,
-                   extra: bytes = b"") -> list[Frame]:
-        """Read the preface, send SETTINGS (and ``extra``); the frames up to the call's HEADERS
-        and the ACK of those SETTINGS, both seen."""
-        assert await asyncio.wait_for(self.reader.readexactly(24), 5) == fr.PREFACE
-        self.send(fr.frame(fr.SETTINGS, 0, 0, fr.settings_payload(settings or {})), extra)
-        frames, seen = [], set()
-        while len(seen) < 2:
-            f = await self.frame()
-            assert f is not None, f"the client closed the connection; frames read: {frames}"
-            frames.append(f)
-            if f.type == fr.HEADERS or (f.type == fr.SETTINGS and f.flags & fr.ACK):
-                seen.add(f.type)
-        return frames
-
-    async def ping(self) -> list[Frame]:
-        """A PING round trip: the frames the client sent before its ACK."""
-        self._pings += 1
-        payload = b"sync%04d" % self._pings
-        self.send(fr.frame(fr.PING, 0, 0, payload))
-        frames = await self.until(lambda f: f.type == fr.PING and f.payload == payload)
-        assert frames[-1].flags == fr.ACK
-        return frames[:-1]
-
-    async def body(self, size: int) -> tuple[bytes, list[int]]:
-        """DATA on stream 1 until ``size`` bytes came: the bytes and the frame sizes."""
-        got, sizes = bytearray(), []
-        while len(got) < size:
-            f = (await self.until(lambda f: f.type == fr.DATA))[-1]
-            assert f.sid == 1 and not f.flags & fr.END_STREAM
-            got += f.payload
-            sizes.append(len(f.payload))
-        assert len(got) == size
-        return bytes(got), sizes
-
-
-@contextlib.asynccontextmanager
-async def raw_server(script, deserializer=bytes, **call_kw):
-    """A TCP server whose first connection runs ``script(peer)``; yields (call, outcome): a
-    BidiCall to it and a future of the script's result (a failed assertion of the script
-    fails the test)."""
-    outcome = asyncio.get_running_loop().create_future()
-
-    async def on_connect(reader, writer):
-        try:
-            if not outcome.done():
-                outcome.set_result(await script(Peer(reader, writer)))
-        except BaseException as e:  # noqa: BLE001 - handed to the test, which raises it
-            if not outcome.done():
-                outcome.set_exception(e)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    try:
-        call = BidiCall(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", METHOD, bytes,
-                        deserializer, **call_kw)
-        yield call, outcome
-    finally:
-        call.cancel()  # closes its connection, if still open
-        server.close()
-        if not outcome.done():
-            outcome.cancel()
-        elif not outcome.cancelled() and outcome.exception() is not None:
-            raise outcome.exception()  # the script's failure: the cause of the test's
-
-
-async def error_of(awaitable) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await asyncio.wait_for(awaitable, 5)
-    return info.value
-
-
-async def status_of(script, **call_kw) -> grpc.aio.AioRpcError:
-    """The error of a call whose server runs ``script``; the script's result is checked."""
-    async with raw_server(script, **call_kw) as (call, outcome):
-        e = await error_of(call.read())
-        await asyncio.wait_for(outcome, 5)
-        return e
+from tests.helpers.h2_client import data, grpc_body
+from tests.helpers.h2_raw_server import (
+    METHOD,
+    OK_ONLY,
+    OK_TRAILERS,
+    RESPONSE,
+    Peer,
+    async_test,
+    error_of,
+    raw_server,
+    run,
+    status_of,
+)
 
 
 @async_test
@@ -291,20 +163,6 @@ def test_call_ended_by_the_connection(ending, code, words):
 
 
 @async_test
-async def test_frame_too_large_answered_with_goaway_frame_size_error():
-    async def script(peer: Peer):
-        await peer.open()
-        peer.send(RESPONSE, fr.frame(fr.DATA, 0, 1, bytes(fr.DEFAULT_MAX_FRAME + 1)))
-        return await peer.rest()
-
-    async with raw_server(script) as (call, outcome):
-        e = await error_of(call.read())
-        assert e.code() == grpc.StatusCode.INTERNAL and "16385 bytes" in e.details()
-        (f,) = await asyncio.wait_for(outcome, 5)
-        assert (f.type, f.payload[:8]) == (fr.GOAWAY, bytes(4) + bytes([0, 0, 0, 6]))
-
-
-@async_test
 async def test_failing_deserializer_ends_the_call_after_the_good_messages():
     def parse(b: bytes) -> bytes:
         if b == b"bad":
@@ -327,82 +185,6 @@ async def test_failing_deserializer_ends_the_call_after_the_good_messages():
 
 
 @async_test
-async def test_initial_window_size_10_and_write_held_back_past_high_water():
-    ready, first_written, second_started = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    small, big = b"s" * 100, bytes(range(256)) * 1200  # 300 KiB: over HIGH_WATER
-    assert len(big) > HIGH_WATER
-
-    async def script(peer: Peer):
-        await peer.open({fr.INITIAL_WINDOW_SIZE: 10})
-        ready.set()
-        await first_written.wait()
-        sent = await peer.ping()
-        assert [(f.type, f.sid, f.flags) for f in sent] == [(fr.DATA, 1, 0)]
-        assert sum(len(f.payload) for f in sent) == 10  # exactly the window
-        await second_started.wait()
-        assert await peer.ping() == []  # nothing more without a WINDOW_UPDATE
-        peer.send(fr.window_update(1, 1 << 20), fr.window_update(0, 1 << 20))
-        rest, sizes = await peer.body(len(grpc_body(small, big)) - 10)
-        assert max(sizes) == fr.DEFAULT_MAX_FRAME
-        assert sent[0].payload + rest == grpc_body(small, big)
-        assert (await peer.frame())[:4] == (fr.DATA, fr.END_STREAM, 1, b"")
-        peer.send(OK_ONLY)
-        return await peer.rest()
-
-    async with raw_server(script) as (call, outcome):
-        reading = asyncio.ensure_future(call.read())  # connects
-        await asyncio.wait_for(ready.wait(), 5)
-        await call.write(small)  # held back: returns
-        first_written.set()
-        writing = asyncio.ensure_future(call.write(big))
-        done, _ = await asyncio.wait({writing}, timeout=0.1)
-        assert not done  # more than HIGH_WATER held
-        second_started.set()
-        await asyncio.wait_for(writing, 5)
-        await call.done_writing()
-        assert await asyncio.wait_for(reading, 5) is grpc.aio.EOF
-        await asyncio.wait_for(outcome, 5)
-
-
-@pytest.mark.parametrize("settings,sizes", [
-    ({fr.MAX_FRAME_SIZE: 20_000, fr.INITIAL_WINDOW_SIZE: 1 << 20}, [20_000] * 3 + [10_005]),
-    ({}, [16_384] * 3 + [16_383]),  # the default windows (65,535) and frames: then WINDOW_UPDATE
-])
-@async_test
-async def test_max_frame_size_and_windows(settings, sizes):
-    ready = asyncio.Event()
-    message = bytes(range(250)) * 280  # 70,000 bytes
-
-    async def script(peer: Peer):
-        extra = fr.window_update(0, 1 << 20) if settings else b""
-        await peer.open(settings, extra)
-        ready.set()
-        got, seen = await peer.body(sum(sizes))
-        assert seen == sizes
-        if not settings:
-            assert await peer.ping() == []  # no END_STREAM before the data held back
-            peer.send(fr.window_update(1, 10_000))
-            assert await peer.ping() == []  # the connection's window is still 0
-            peer.send(fr.window_update(0, 4470))
-            more, seen = await peer.body(4470)
-            assert seen == [4470]
-            got += more
-        assert got == grpc_body(message)
-        assert (await peer.frame())[:4] == (fr.DATA, fr.END_STREAM, 1, b"")
-        return await peer.ping()
-
-    async with raw_server(script) as (call, outcome):
-        reading = asyncio.ensure_future(call.read())
-        await asyncio.wait_for(ready.wait(), 5)
-        await call.write(message)
-        await call.done_writing()
-        assert await asyncio.wait_for(outcome, 5) == []
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reading
-
-
-@async_test
 async def test_cancel_while_connecting():
     async def script(peer: Peer):
         return await peer.reader.read()
@@ -415,41 +197,6 @@ async def test_cancel_while_connecting():
             await asyncio.wait_for(reading, 5)
         with pytest.raises(asyncio.CancelledError):
             await call.write(b"x")
-
-
-async def _held_write(ending):
-    """A write held back (window 0, more than HIGH_WATER) when ``ending(call, peer)`` ends
-    the call: what the write does then."""
-    ready, held = asyncio.Event(), asyncio.Event()
-
-    async def script(peer: Peer):
-        await peer.open({fr.INITIAL_WINDOW_SIZE: 0})
-        ready.set()
-        await held.wait()
-        ending(call, peer)
-        return await peer.rest()
-
-    async with raw_server(script) as (call, outcome):
-        reading = asyncio.ensure_future(call.read())
-        await asyncio.wait_for(ready.wait(), 5)
-        writing = asyncio.ensure_future(call.write(bytes(HIGH_WATER + 1)))
-        done, _ = await asyncio.wait({writing}, timeout=0.1)
-        assert not done
-        held.set()
-        await asyncio.wait({reading}, timeout=5)
-        await asyncio.wait_for(outcome, 5)
-        return await asyncio.wait_for(writing, 5)
-
-
-def test_cancel_wakes_a_write_held_back():
-    with pytest.raises(asyncio.CancelledError):
-        run(_held_write(lambda call, peer: call.cancel()))
-
-
-def test_a_write_held_back_when_the_server_resets_raises_its_error():
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        run(_held_write(lambda call, peer: peer.send(fr.rst_stream(1, H2Error.REFUSED_STREAM))))
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 @async_test
@@ -467,36 +214,3 @@ async def test_server_ping_acked_with_its_payload_and_acks_not_answered():
     async with raw_server(script) as (call, outcome):
         assert await call.read() is grpc.aio.EOF
         assert await asyncio.wait_for(outcome, 5) == []
-
-
-def _one_byte(body: bytes) -> bytes:
-    return b"".join(fr.frame(fr.DATA, 0, 1, body[i:i + 1]) for i in range(len(body)))
-
-
-def _padded(body: bytes) -> bytes:
-    return b"".join(fr.frame(fr.DATA, fr.PADDED, 1, b"\x03" + body[i:i + 7] + b"\0\0\0")
-                    for i in range(0, len(body), 7))
-
-
-@pytest.mark.parametrize("cut", [_one_byte, _padded])
-@async_test
-async def test_response_cut_into_small_frames_reassembled(cut):
-    messages = [b"hello", b"", bytes(range(256)) * 3, b"x"]
-    headers = fr.response_headers()
-    trailer_block = fr.trailers(0)
-
-    async def script(peer: Peer):
-        await peer.open()
-        peer.send(  # headers PADDED and with PRIORITY; trailers in HEADERS + CONTINUATION
-            fr.frame(fr.HEADERS, fr.END_HEADERS | fr.PADDED | fr.PRIORITY_FLAG, 1,
-                     b"\x02" + bytes(5) + headers + b"\0\0"),
-            cut(grpc_body(*messages)),
-            fr.frame(fr.HEADERS, fr.END_STREAM, 1, trailer_block[:3]),
-            fr.frame(fr.CONTINUATION, fr.END_HEADERS, 1, trailer_block[3:]))
-        return await peer.rest()
-
-    async with raw_server(script) as (call, outcome):
-        got = [await call.read() for _ in messages]
-        assert got == messages
-        assert await call.read() is grpc.aio.EOF
-        await asyncio.wait_for(outcome, 5)
