@@ -5,7 +5,8 @@ ones both ways, more than the client's 16 MiB receive window each way), done_wri
 the server's request stream, abort statuses with their details, an unknown method, cancel()
 reaching the handler, the server stopping, a refused connection, writing after
 done_writing, and keepalive pings against grpc's ping policy. What a real server never does
-(resets, odd HTTP statuses, silent peers) is in test_h2grpc_bidi_client_wire.py, tiny windows and split frames in test_h2grpc_bidi_client_flow.py.
+is in test_h2grpc_bidi_client_wire.py (resets, odd HTTP statuses, silent peers) and
+test_h2grpc_bidi_client_flow.py (tiny windows, split frames).
 """
 
 from __future__ import annotations
