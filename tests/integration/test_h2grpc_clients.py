@@ -208,7 +208,7 @@ def test_metadata_and_deadline_in_server_call(channel, server):
     assert not names & {"content-type", "te", "grpc-timeout", "grpc-encoding",
                         "grpc-accept-encoding"}
     assert not any(name.startswith(":") for name in names)
-    assert 4.0 < seen["remaining"] <= 5.0
+    assert 4.0 < seen["remaining"] <= 5.1  # grpc rounds its grpc-timeout up (5.0099 s seen)
     assert seen["peer"].startswith("127.0.0.1:")
     seen = json.loads(channel.unary_unary(META)(b""))
     assert seen["remaining"] is None
