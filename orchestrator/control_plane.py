@@ -5,6 +5,12 @@ spreads prefill and decode workers over separate GPUs); without GPUs each worker
 equal share of the machine's CPUs (so N workers fit on one small machine). Every actor gets
 the name ``ferry-worker-<id>`` in the ``ferry`` namespace so a restarted control plane can find
 it, and ``max_restarts=0``: the control plane, not Ray, decides what replaces a dead worker.
+
+Stopping: each worker's ``stop`` (it unlinks its shared-memory KV arena), then ``ray.kill``.
+A worker that died without stopping (SIGKILL, OOM) leaves its arena in /dev/shm; after
+stopping all workers, :meth:`ControlPlane.stop_all` removes the arenas on this machine whose
+creator process is gone (workers on other machines remove theirs when the next worker there
+starts).
 """
 
 from __future__ import annotations
@@ -75,3 +81,12 @@ class ControlPlane:
     def stop_all(self) -> None:
         for worker_id in list(self.workers):
             self.stop_worker(worker_id)
+        from workers.server.kv_transport import remove_stale_arenas
+
+        try:
+            removed = remove_stale_arenas()
+        except OSError as exc:  # best effort: the next worker start retries
+            log.warning("removing the KV arenas of dead workers failed: %s", exc)
+        else:
+            if removed:
+                log.info("removed the KV arenas of dead workers: %s", ", ".join(removed))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
 import struct
 import subprocess
 from pathlib import Path
@@ -265,6 +266,10 @@ def test_ferry_serve_disaggregated_greedy_equals_aggregated(tiny_folder, transpo
             ({transport: len(PROMPTS)}, 0)
         assert len(worker_segments(pids["p0"])) == (1 if transport == "shm" else 0)
         assert worker_segments(pids["d0"]) == []
+        if transport == "shm":  # a prefill worker killed outright cannot unlink its arena:
+            os.kill(pids["p0"], signal.SIGKILL)  # stopping ferry serve removes it
+            assert wait_gone({pids["p0"]}) == set()
+            assert len(worker_segments(pids["p0"])) == 1
     finally:
         assert serve.stop() == 0
     assert wait_gone(set(pids.values())) == set()
