@@ -9,10 +9,11 @@ Protocol of ``KvTransfer.PullBlocks`` (holder = servicer here, puller = :func:`p
   covering layers ``[0, num_layers)`` in order, each ``[layer_start, layer_end)`` of at most
   ``max_chunk_bytes`` of data (default 4 MiB), with ``crc32 = zlib.crc32(data)``. A zero-layer
   (mocker) cache sends no chunks: an empty stream is a complete, valid transfer.
-- Memory is bounded on both sides: the holder reads a chunk from its cache only when gRPC has
-  taken the previous one (an async generator, paced by HTTP/2 flow control: at most the
-  stream window, 16 MiB, is in flight); the puller writes each chunk into its destination
-  block as it arrives.
+- Memory is bounded on both sides: the holder reads a chunk from its cache only when its
+  server has taken the previous one (an async generator, paced by HTTP/2 flow control and by
+  the socket); the puller (:mod:`kvcache.transfer.rpc_pull`: its own HTTP/2 connection, read
+  into one 32 MiB buffer) checks and writes each chunk into its destination block straight
+  from that buffer as it arrives, one chunk per event-loop turn, and stops reading meanwhile.
 - Any failure ends the stream with one last chunk carrying only ``error``: NOT_FOUND for an
   unknown, released or expired handle (also when the handle is released or cancelled while
   being streamed: the holder stops at the next chunk), INVALID_ARGUMENT for a block id not in
@@ -53,6 +54,7 @@ from kvcache.transfer.errors import (
 from kvcache.transfer.handles import HandleRegistry, KvHandleInfo
 from kvcache.transfer.layout import KvCacheView
 from kvcache.transfer.result import PullResult, check_pull_args
+from kvcache.transfer.rpc_pull import RpcStatus, pull_stream
 from kvcache.transfer.wire import error_from_proto, layout_from_proto, layout_to_proto
 
 log = logging.getLogger(__name__)
@@ -199,13 +201,16 @@ async def close_channels() -> None:
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError, address: str, what: str) -> KvTransferError:
-    code = exc.code()
-    text = f"{what} at {address} failed: {code.name} {exc.details()}"
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    return _status_error(exc.code().name, exc.details(), address, what)
+
+
+def _status_error(code: str, details: str, address: str, what: str) -> KvTransferError:
+    text = f"{what} at {address} failed: {code} {details}"
+    if code == "DEADLINE_EXCEEDED":
         return TransferTimeout(text)
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == "UNAVAILABLE":
         return TransportUnavailable(text)
-    return KvTransferError(text, code=code.name if code.name in (
+    return KvTransferError(text, code=code if code in (
         "CANCELLED", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "ABORTED",
         "INTERNAL") else "INTERNAL")
 
@@ -283,23 +288,24 @@ async def pull_grpc(
         block_ids=src if src_block_ids is not None else [],
         layout=layout_to_proto(dest_view.layout),
     )
-    pull_call = channel_for(address).unary_stream(
-        PULL_METHOD, request_serializer=worker_pb2.PullRequest.SerializeToString,
-        response_deserializer=None)
     checker = _ChunkChecker(address, dest_view, src, dst)
     started = time.perf_counter()
-    call = pull_call(request, timeout=timeout_s)
+    what = f"pulling KV handle {handle.handle_id!r}"
     try:
-        async for raw in call:
-            checker.write(checker.accept(raw))
+        async with asyncio.timeout(timeout_s):
+            await pull_stream(address, PULL_METHOD, request.SerializeToString(),
+                              lambda raw: checker.write(checker.accept(raw)))
         if dest_view.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(dest_view.device)
-    except grpc.aio.AioRpcError as exc:
-        raise _rpc_error(exc, address, f"pulling KV handle {handle.handle_id!r}") from exc
-    finally:
-        call.cancel()
+    except RpcStatus as exc:
+        raise _status_error(exc.code, exc.message, address, what) from exc
+    except TimeoutError as exc:
+        raise TransferTimeout(f"{what} at {address} failed: DEADLINE_EXCEEDED after "
+                              f"{timeout_s:g} s") from exc
+    except OSError as exc:
+        raise TransportUnavailable(f"{what} at {address} failed: UNAVAILABLE {exc}") from exc
     if not checker.complete():
         raise TransferIntegrityError(
             f"KV stream from {address} ended after {checker.index} of {len(src)} blocks")

@@ -21,6 +21,7 @@ from ferry.rpc.call import HIGH_WATER, GrpcError, ServerCall
 from ferry.rpc.frames import H2Error, Status
 
 log = logging.getLogger(__name__)
+BIG_MESSAGE = 256 * 1024  # from this size a message that fits the windows is written as is
 
 
 class Stream:
@@ -167,6 +168,21 @@ class Responder:
         if not isinstance(message, (bytes, bytearray, memoryview)):
             raise TypeError(f"a response message is serialized bytes, got "
                             f"{type(message).__name__}")
+        size = len(message) + 5
+        if size >= BIG_MESSAGE and not stream.out and not self._closed and not stream.reset \
+                and size <= min(stream.send_window, self._send_window, self._peer_max_frame):
+            # One DATA frame, the message itself handed to the transport: no copy of it here.
+            head = b""
+            if not stream.headers_sent:
+                stream.headers_sent = True
+                head = fr.frame(fr.HEADERS, fr.END_HEADERS, stream.sid,
+                                self._block(fr.response_headers()))
+            stream.send_window -= size
+            self._send_window -= size
+            self.transport.write(head + fr.FRAME_HEADER.pack(size << 8 | fr.DATA, 0, stream.sid)
+                                 + fr.MESSAGE_PREFIX.pack(0, len(message)))
+            self.transport.write(message)
+            return
         stream.out += fr.MESSAGE_PREFIX.pack(0, len(message))
         stream.out += message
         self._flush(stream)
