@@ -27,20 +27,20 @@ ratio to the copy, and the CPU seconds each side spent per GB moved (less sensit
 time to other load on the machine). Both processes call ``kvcache.transfer.tuning.tune_malloc``
 as a worker does. Targets (issue 5): shm >= 50 % of the copy rate, gRPC >= 20 %.
 
-Where the gRPC pull's time goes (2-core machine shared with other work, grpcio 1.85, measured
-with perf and by taking pieces out): the puller spends 0.4-0.8 CPU s/GB (plain TCP: about
-0.2), of which Ferry's own checks and writes (chunk parsing, crc32, one copy into the
-destination) are about 0.12 (8-9 GB/s); the rest is gRPC and the kernel: the socket read, the
-copy of each received message into a Python ``bytes`` (per grpc's Cython source: each piece
-copied, then joined, when a message straddles socket reads), the hand-off between gRPC's poller threads and the event loop. The holder
-joins each chunk into one ``bytes`` (one copy plus the crc32, about 18 % of its time), gRPC
-copies it again into its own buffer (grpcio 1.85 has no zero-copy send from Python), then the
-kernel copies it into the socket, all on the event-loop thread. Neither more streams (2, 4)
-nor other chunk sizes (1, 2, 4 MiB), read sizes or ``grpc.optimization_target`` changed the
-rates beyond the noise here. grpcio itself is the limit: its bare stream of raw bytes (the
-``bare`` row: no protobuf, no checks, nothing of Ferry's) moves no more than Ferry's pull
-(64 MiB, load ~3.9: bare 1.27 GB/s = 10 % of a copy, Ferry's grpc 1.46 = 12 %, plain TCP 26 %),
-so the 20 % target for gRPC is out of reach on this machine with grpcio.
+Where the gRPC pull's time goes. With grpcio on both sides (session 3: grpc.aio holder and
+puller) a pull moved 7-12 % of a copy and grpcio's own stream of raw bytes (``bare``) no
+more, ~1.4 CPU s/GB across both sides: every received message copied into a ``bytes`` on
+grpc's poller thread and handed to the event loop, every sent one copied into grpc's buffer.
+Now the holder is ferry.rpc (``--holder-server ferry``, what workers run: a chunk that fits
+the windows is written to the socket as is) and the puller reads the stream with
+kvcache.transfer.rpc_pull (its own HTTP/2 connection, the socket read into one buffer, each
+chunk checked and written into its destination straight from it). Measured (quiet machine,
+5 reps): 64 MiB 15 % of a copy (best 20 %), 1 GiB 17 % (3.2 GB/s against a 19 GB/s copy
+and 4.5 GB/s plain TCP); CPU s/GB puller 0.25 (grpcio: 0.67), holder 0.38 (0.6). The holder
+is the floor now: it joins each chunk's layer pieces into one buffer and crc32s it before
+the kernel copies it into the socket (plain TCP, ``sendmsg`` of the pieces: 0.26). Writing
+the pieces with one ``sendmsg`` instead of joining them is the next lever; the 20 % target
+is about 85 % of what plain TCP reaches here.
 
 Run: .venv/bin/python benchmarks/kv_transfer.py [--sizes 64M,1G] [--reps 5]
     [--pulls shm,grpc,bare,tcp]
