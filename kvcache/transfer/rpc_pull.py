@@ -190,12 +190,7 @@ class _PullProtocol(asyncio.BufferedProtocol):
 
     def _on_headers(self, ftype: int, flags: int, payload: bytes) -> None:
         if ftype == fr.HEADERS:
-            pos, end = 0, len(payload)
-            if flags & fr.PADDED and payload:
-                pos, end = 1, end - payload[0]
-            if flags & fr.PRIORITY_FLAG:
-                pos += 5
-            self._headers = bytearray(payload[pos:end])
+            self._headers = bytearray(fr.header_fragment(flags, payload))
             self._headers_end = bool(flags & fr.END_STREAM)
         elif self._headers is not None:
             self._headers += payload

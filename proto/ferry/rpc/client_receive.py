@@ -119,12 +119,7 @@ class Receiver:
 
     def _on_headers(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if ftype == fr.HEADERS:
-            pos, end = 0, len(payload)
-            if flags & fr.PADDED and payload:
-                pos, end = 1, end - payload[0]
-            if flags & fr.PRIORITY_FLAG:
-                pos += 5
-            self._cont = bytearray(payload[pos:end])
+            self._cont = bytearray(fr.header_fragment(flags, payload))
             self._cont_end = bool(flags & fr.END_STREAM)
         elif self._cont is None:
             self._fail(H2Error.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")

@@ -111,6 +111,16 @@ def read_frames(buf: bytearray) -> tuple[list[tuple[int, int, int, bytes]], int,
     return frames, pos, 0
 
 
+def header_fragment(flags: int, payload: bytes) -> bytes:
+    """A HEADERS frame's header block fragment: its payload without padding and priority."""
+    pos, end = 0, len(payload)
+    if flags & PADDED and payload:
+        pos, end = 1, end - payload[0]
+    if flags & PRIORITY_FLAG:
+        pos += 5
+    return payload[pos:end]
+
+
 def settings_payload(pairs: dict[int, int]) -> bytes:
     return b"".join(struct.pack(">HI", k, v) for k, v in pairs.items())
 
