@@ -34,13 +34,13 @@ grpc's poller thread and handed to the event loop, every sent one copied into gr
 Now the holder is ferry.rpc (``--holder-server ferry``, what workers run: a chunk that fits
 the windows is written to the socket as is) and the puller reads the stream with
 kvcache.transfer.rpc_pull (its own HTTP/2 connection, the socket read into one buffer, each
-chunk checked and written into its destination straight from it). Measured (quiet machine,
-5 reps): 64 MiB 15 % of a copy (best 20 %), 1 GiB 17 % (3.2 GB/s against a 19 GB/s copy
-and 4.5 GB/s plain TCP); CPU s/GB puller 0.25 (grpcio: 0.67), holder 0.38 (0.6). The holder
-is the floor now: it joins each chunk's layer pieces into one buffer and crc32s it before
-the kernel copies it into the socket (plain TCP, ``sendmsg`` of the pieces: 0.26). Writing
-the pieces with one ``sendmsg`` instead of joining them is the next lever; the 20 % target
-is about 85 % of what plain TCP reaches here.
+chunk checked and written into its destination straight from it), and the holder writes
+each chunk's header, cache pieces and crc with one ``writev`` (``KvTransferServicer(gather=
+True)``: no join). Measured (quiet machine, 5 reps): 64 MiB 17 % of a copy, 1 GiB 18 %
+(3.5 GB/s against a 19.6 GB/s copy and 4.9 GB/s plain TCP); CPU s/GB puller 0.25 (grpcio:
+0.67), holder 0.36 (0.6). The 20 % target is about 80 % of what plain TCP reaches here; the
+holder is the floor (a chunk larger than the socket's free send buffer leaves a remainder
+that the transport copies; the crc32 read).
 
 Run: .venv/bin/python benchmarks/kv_transfer.py [--sizes 64M,1G] [--reps 5]
     [--pulls shm,grpc,bare,tcp]
@@ -119,7 +119,7 @@ def holder_main(layout_dict: dict, name: str, commands, replies,
             cache.view(torch.int16).copy_(
                 torch.randint(-32768, 32767, cache.shape, dtype=torch.int16, generator=g))
         registry = HandleRegistry(600.0, lambda info: None)
-        servicer = KvTransferServicer(registry, arena.view)
+        servicer = KvTransferServicer(registry, arena.view, gather=server_kind == "ferry")
         if server_kind == "ferry":  # what a worker runs (workers/server/worker.py)
             from ferry.rpc.aio_compat import AioCompatServer
             from workers.server.worker import MAX_RECEIVE

@@ -58,6 +58,13 @@ def encode_chunk(block_id: int, layer_start: int, layer_end: int,
                  pieces: Sequence) -> bytes:
     """The serialized KvChunk whose data is the concatenation of ``pieces`` (buffers), with its
     crc32; one copy of the payload (and one read for the crc)."""
+    return b"".join(encode_chunk_parts(block_id, layer_start, layer_end, pieces))
+
+
+def encode_chunk_parts(block_id: int, layer_start: int, layer_end: int,
+                       pieces: Sequence) -> list:
+    """:func:`encode_chunk`'s bytes as a list of buffers (the header, ``pieces`` themselves,
+    the crc32 trailer): no copy of the payload, for a server that writes gathered buffers."""
     size = sum(memoryview(p).nbytes for p in pieces)
     header = bytearray()
     for tag, value in ((_TAG_BLOCK_ID, block_id), (_TAG_LAYER_START, layer_start),
@@ -70,7 +77,7 @@ def encode_chunk(block_id: int, layer_start: int, layer_end: int,
     for piece in pieces:
         crc = crc32(piece, crc)
     trailer = bytes((_TAG_CRC32,)) + _FIXED32.pack(crc) if crc else b""
-    return b"".join([header, *pieces, trailer])
+    return [bytes(header), *pieces, trailer]
 
 
 def encode_error(code: str, message: str) -> bytes:

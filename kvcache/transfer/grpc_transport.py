@@ -42,7 +42,13 @@ from collections.abc import Sequence
 import grpc
 
 from ferry.v1 import worker_pb2, worker_pb2_grpc
-from kvcache.transfer.chunk_codec import crc32, decode_chunk, encode_chunk, encode_error
+from kvcache.transfer.chunk_codec import (
+    crc32,
+    decode_chunk,
+    encode_chunk,
+    encode_chunk_parts,
+    encode_error,
+)
 from kvcache.transfer.errors import (
     HandleNotFound,
     KvLayoutMismatch,
@@ -94,11 +100,14 @@ class KvTransferServicer(worker_pb2_grpc.KvTransferServicer):
     """
 
     def __init__(self, registry: HandleRegistry, view: KvCacheView, *,
-                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, gather: bool = False) -> None:
         self.registry = registry
         self.view = view
         self.layer_groups = view.layout.layer_groups(max_chunk_bytes)
         self.chunks_read = 0  # chunks taken from the cache since start (tests watch the pacing)
+        # True: chunks go out as lists of buffers (header, cache views, crc), which a
+        # ferry.rpc server writes without joining them; grpc.aio takes bytes only.
+        self.gather = gather
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -120,7 +129,7 @@ class KvTransferServicer(worker_pb2_grpc.KvTransferServicer):
     async def PullBlocks(self, request, context):
         """The generated-stub form: yields ``KvChunk`` messages."""
         async for raw in self.pull_blocks_raw(request, context):
-            yield worker_pb2.KvChunk.FromString(raw)
+            yield worker_pb2.KvChunk.FromString(raw if isinstance(raw, bytes) else b"".join(raw))
 
     async def pull_blocks_raw(self, request, context):
         """PullBlocks yielding serialized KvChunks (see the module docstring)."""
@@ -167,8 +176,10 @@ class KvTransferServicer(worker_pb2_grpc.KvTransferServicer):
                 return str(exc)
         return None
 
-    def _chunk(self, block_id: int, start: int, end: int) -> bytes:
-        raw = encode_chunk(block_id, start, end, self.view.block_pieces(block_id, start, end))
+    def _chunk(self, block_id: int, start: int, end: int):
+        pieces = self.view.block_pieces(block_id, start, end)
+        raw = encode_chunk_parts(block_id, start, end, pieces) if self.gather \
+            else encode_chunk(block_id, start, end, pieces)
         self.chunks_read += 1
         return raw
 

@@ -101,3 +101,27 @@ def test_nothing_listening_is_an_oserror():
         with pytest.raises(OSError):
             await pull_stream(address, PATH, b"go", lambda m: None)
     run(main())
+
+
+def test_a_message_given_as_buffers_arrives_as_their_concatenation():
+    """ferry.rpc writes a list of buffers as one message (KvTransferServicer(gather=True))."""
+    parts = [b"head", memoryview(bytes(range(256)) * 2048), b"", bytearray(b"tail") * 70000]
+
+    async def gathered(request: bytes, context):
+        yield parts  # big: written with writev
+        yield [b"a", b"b"]  # small: queued
+
+    async def main():
+        handlers = grpc.method_handlers_generic_handler("test.Pull", {
+            "Stream": grpc.unary_stream_rpc_method_handler(gathered)})
+        server = AioCompatServer(max_receive_message_length=64 << 20)
+        server.add_generic_rpc_handlers((handlers,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            got: list[bytes] = []
+            await pull_stream(f"127.0.0.1:{port}", PATH, b"go", lambda m: got.append(bytes(m)))
+            assert got == [b"".join(bytes(p) for p in parts), b"ab"]
+        finally:
+            await server.stop(0)
+    run(main())

@@ -282,7 +282,8 @@ class WorkerServer:
                                       stream_interval_s=cfg.stream_interval_s,
                                       handles=self.handles, importer=self.importer)
         worker_pb2_grpc.add_WorkerServicer_to_server(self._service, server)
-        self._kv_transfer = KvTransferServicer(self.handles.registry, self.importer.view)
+        self._kv_transfer = KvTransferServicer(self.handles.registry, self.importer.view,
+                                               gather=True)  # ferry.rpc writes them as is
         self._kv_transfer.add_to_server(server)
         bind = _host_port(cfg.host, cfg.port)
         try:

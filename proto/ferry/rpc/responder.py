@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from ferry.rpc import frames as fr
 from ferry.rpc.call import HIGH_WATER, GrpcError, ServerCall
@@ -22,6 +23,7 @@ from ferry.rpc.frames import H2Error, Status
 
 log = logging.getLogger(__name__)
 BIG_MESSAGE = 256 * 1024  # from this size a message that fits the windows is written as is
+_IOV_MAX = 1024
 
 
 class Stream:
@@ -164,14 +166,21 @@ class Responder:
             self._waiters.append(fut)
             await fut
 
-    def _queue(self, stream: Stream, message: bytes) -> None:
-        if not isinstance(message, (bytes, bytearray, memoryview)):
-            raise TypeError(f"a response message is serialized bytes, got "
-                            f"{type(message).__name__}")
-        size = len(message) + 5
+    def _queue(self, stream: Stream, message) -> None:
+        """Queue one message: serialized bytes, or a list / tuple of buffers whose
+        concatenation it is (written gathered, without joining them, when it can be)."""
+        if isinstance(message, (list, tuple)):
+            parts = [memoryview(p).cast("B") for p in message]
+            length = sum(p.nbytes for p in parts)
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            parts, length = None, len(message)
+        else:
+            raise TypeError(f"a response message is serialized bytes (or a list of buffers), "
+                            f"got {type(message).__name__}")
+        size = length + 5
         if size >= BIG_MESSAGE and not stream.out and not self._closed and not stream.reset \
                 and size <= min(stream.send_window, self._send_window, self._peer_max_frame):
-            # One DATA frame, the message itself handed to the transport: no copy of it here.
+            # One DATA frame, the message itself handed to the socket: no copy of it here.
             head = b""
             if not stream.headers_sent:
                 stream.headers_sent = True
@@ -179,13 +188,34 @@ class Responder:
                                 self._block(fr.response_headers()))
             stream.send_window -= size
             self._send_window -= size
-            self.transport.write(head + fr.FRAME_HEADER.pack(size << 8 | fr.DATA, 0, stream.sid)
-                                 + fr.MESSAGE_PREFIX.pack(0, len(message)))
-            self.transport.write(message)
+            head += fr.FRAME_HEADER.pack(size << 8 | fr.DATA, 0, stream.sid) \
+                + fr.MESSAGE_PREFIX.pack(0, length)
+            self._write_gathered([head, *(parts or [message])])
             return
-        stream.out += fr.MESSAGE_PREFIX.pack(0, len(message))
-        stream.out += message
+        stream.out += fr.MESSAGE_PREFIX.pack(0, length)
+        for part in parts or (message,):
+            stream.out += part
         self._flush(stream)
+
+    def _write_gathered(self, parts: list) -> None:
+        """Write buffers in order: with one writev straight to the socket while the transport
+        holds nothing back (what the socket does not take goes through the transport)."""
+        sent = 0
+        if not self.transport.get_write_buffer_size():
+            sock = self.transport.get_extra_info("socket")
+            try:
+                sent = os.writev(sock.fileno(), parts[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the transport reports the broken connection
+        for part in parts:
+            n = memoryview(part).nbytes
+            if sent >= n:
+                sent -= n
+                continue
+            self.transport.write(part[sent:] if sent else part)
+            sent = 0
 
     def _end(self, stream: Stream, status: int, message: str = "", extra: bytes = b"") -> None:
         """End the call with a status (after its queued messages)."""
