@@ -356,7 +356,7 @@ def test_cancel_at_each_stage_leaves_no_block_in_use(tiny_folder, nats_server):
             assert (await dep.stats("cx-d")).prefix_query_tokens == 0
 
             # after the prefill worker returned a handle, before the decode worker is called
-            stream, _, _ = await start(dep)
+            stream = await dep.frontend.generate(dep.request(max_tokens=50))  # read here only
             await anext(stream)  # the first token (from the prefill worker)
             await stream.aclose()
             await dep.idle()
