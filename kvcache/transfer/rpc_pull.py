@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
-from urllib.parse import unquote
+
+import hpack
 
 from ferry.rpc import frames as fr
 from ferry.rpc.hpack_cache import BlockDecoder
@@ -41,21 +42,17 @@ class RpcStatus(Exception):
         self.code, self.message = code, message
 
 
-_CODES = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED",
-          5: "NOT_FOUND", 8: "RESOURCE_EXHAUSTED", 10: "ABORTED", 12: "UNIMPLEMENTED",
-          13: "INTERNAL", 14: "UNAVAILABLE"}
-
-
 class _PullProtocol(asyncio.BufferedProtocol):
     def __init__(self, authority: str, path: str, request: bytes,
                  on_message: Callable[[memoryview], None]) -> None:
-        self._head = (fr.settings_payload({fr.ENABLE_PUSH: 0, fr.INITIAL_WINDOW_SIZE: fr.MAX_WINDOW,
-                                           fr.MAX_FRAME_SIZE: MAX_FRAME})
-                      , b"\x83\x86" + fr.literal(b":path", path.encode())
-                      + fr.literal(b":authority", authority.encode())
-                      + fr.literal(b"content-type", b"application/grpc")
-                      + fr.literal(b"te", b"trailers"),
-                      fr.MESSAGE_PREFIX.pack(0, len(request)) + request)
+        settings = fr.settings_payload({fr.ENABLE_PUSH: 0, fr.INITIAL_WINDOW_SIZE: fr.MAX_WINDOW,
+                                        fr.MAX_FRAME_SIZE: MAX_FRAME})
+        self._opening = (fr.PREFACE + fr.frame(fr.SETTINGS, 0, 0, settings)
+                         + fr.window_update(0, fr.MAX_WINDOW - fr.DEFAULT_WINDOW)
+                         + fr.frame(fr.HEADERS, fr.END_HEADERS, _SID,
+                                    fr.request_headers(authority, path))
+                         + fr.frame(fr.DATA, fr.END_STREAM, _SID,
+                                    fr.MESSAGE_PREFIX.pack(0, len(request)) + request))
         self._on_message = on_message
         self._buf = _buffers.pop() if _buffers else bytearray(BUFFER_BYTES)
         self._view = memoryview(self._buf)
@@ -72,11 +69,7 @@ class _PullProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         fr.set_nodelay(transport)
-        settings, headers, message = self._head
-        transport.write(fr.PREFACE + fr.frame(fr.SETTINGS, 0, 0, settings)
-                        + fr.window_update(0, fr.MAX_WINDOW - fr.DEFAULT_WINDOW)
-                        + fr.frame(fr.HEADERS, fr.END_HEADERS, _SID, headers)
-                        + fr.frame(fr.DATA, fr.END_STREAM, _SID, message))
+        transport.write(self._opening)
 
     def connection_lost(self, exc) -> None:
         self._finish(RpcStatus("UNAVAILABLE", f"the connection was lost ({exc or 'closed'})"))
@@ -157,9 +150,8 @@ class _PullProtocol(asyncio.BufferedProtocol):
                 self.transport.write(fr.frame(fr.PING, fr.ACK, 0, bytes(view[start:pos])))
             elif ftype == fr.RST_STREAM and sid == _SID:
                 code = int.from_bytes(view[start:start + 4], "big")
-                self._finish(RpcStatus("CANCELLED" if code == fr.H2Error.CANCEL
-                                       else "UNAVAILABLE" if code == fr.H2Error.REFUSED_STREAM
-                                       else "INTERNAL", f"the holder reset the stream ({code})"))
+                self._finish(RpcStatus(fr.reset_status(code).name,
+                                       f"the holder reset the stream ({code})"))
             elif ftype == fr.GOAWAY and length >= 8:
                 last, code = struct.unpack_from(">II", self._buf, start)
                 if (last & 0x7FFFFFFF) < _SID or code:
@@ -189,33 +181,31 @@ class _PullProtocol(asyncio.BufferedProtocol):
         return got
 
     def _on_headers(self, ftype: int, flags: int, payload: bytes) -> None:
-        if ftype == fr.HEADERS:
-            self._headers = bytearray(fr.header_fragment(flags, payload))
-            self._headers_end = bool(flags & fr.END_STREAM)
-        elif self._headers is not None:
-            self._headers += payload
-        if not flags & fr.END_HEADERS or self._headers is None:
-            return
-        headers = dict(self._decoder.decode(bytes(self._headers)))
+        try:
+            if ftype == fr.HEADERS:
+                self._headers = bytearray(fr.header_fragment(flags, payload))
+                self._headers_end = bool(flags & fr.END_STREAM)
+            elif self._headers is not None:
+                self._headers += payload
+            if not flags & fr.END_HEADERS or self._headers is None:
+                return
+            headers = dict(self._decoder.decode(bytes(self._headers)))
+        except (ValueError, hpack.HPACKError) as e:
+            raise RpcStatus("INTERNAL", f"a bad header block from the holder: {e}") from None
         self._headers = None
         status = headers.get(":status")
         if status is not None and status != "200":
-            raise RpcStatus("UNAVAILABLE" if status in ("502", "503", "504") else "UNKNOWN",
-                            f"the holder answered HTTP {status}")
+            raise RpcStatus(fr.http_status(status).name, f"the holder answered HTTP {status}")
         if self._headers_end:
-            raw = headers.get("grpc-status", "")
-            code = _CODES.get(int(raw), "UNKNOWN") if raw.isdigit() else "UNKNOWN"
-            if code == "OK":
-                self._finish(None)
-            else:
-                self._finish(RpcStatus(code, unquote(headers.get("grpc-message", ""))))
+            code, message = fr.call_status(headers)
+            self._finish(None if code == fr.Status.OK else RpcStatus(code.name, message))
 
     def close(self) -> None:
         if not self.done.done():
             self.done.cancel()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-        if self._buf is not None and len(_buffers) < 4:  # reused: allocating zeroes it
+        if self._buf is not None and len(_buffers) < 2:  # reused: allocating zeroes it
             _buffers.append(self._buf)
         self._buf = None
 

@@ -188,3 +188,44 @@ def test_literal_lengths_at_integer_boundaries(length):
 @pytest.mark.parametrize("code", [405, 415, 200, 404])
 def test_http_status_only(code):
     assert _decode(fr.http_status_only(code)) == [(":status", str(code))]
+
+
+def test_request_headers_decode_to_a_grpc_call():
+    assert _decode(fr.request_headers("127.0.0.1:5", "/a.S/M")) == [
+        (":method", "POST"), (":scheme", "http"), (":path", "/a.S/M"),
+        (":authority", "127.0.0.1:5"), ("content-type", "application/grpc"), ("te", "trailers")]
+
+
+def test_header_fragment_strips_padding_and_priority_and_refuses_bad_padding():
+    block = b"\x83\x86"
+    assert fr.header_fragment(0, block) == block
+    assert fr.header_fragment(fr.PADDED, bytes([3]) + block + b"\0\0\0") == block
+    assert fr.header_fragment(fr.PRIORITY_FLAG, b"\0" * 5 + block) == block
+    assert fr.header_fragment(fr.PADDED | fr.PRIORITY_FLAG,
+                              bytes([1]) + b"\0" * 5 + block + b"\0") == block
+    with pytest.raises(ValueError, match="padding exceeds"):
+        fr.header_fragment(fr.PADDED, bytes([9]) + block)
+
+
+@pytest.mark.parametrize("status,want", [
+    ("404", Status.UNIMPLEMENTED), ("503", Status.UNAVAILABLE), ("429", Status.UNAVAILABLE),
+    ("401", Status.UNAUTHENTICATED), ("403", Status.PERMISSION_DENIED),
+    ("400", Status.INTERNAL), ("500", Status.UNKNOWN), (None, Status.UNKNOWN)])
+def test_http_status_as_grpc_maps_it(status, want):
+    assert fr.http_status(status) is want
+
+
+@pytest.mark.parametrize("trailers,want", [
+    ({"grpc-status": "0"}, (Status.OK, "")),
+    ({"grpc-status": "5", "grpc-message": "no %C3%A9 100%25"}, (Status.NOT_FOUND, "no é 100%")),
+    ({"grpc-status": "99"}, (Status.UNKNOWN, "")),
+    ({"grpc-status": "x"}, (Status.UNKNOWN, "the call ended without grpc-status")),
+    ({}, (Status.UNKNOWN, "the call ended without grpc-status"))])
+def test_call_status_from_trailers(trailers, want):
+    assert fr.call_status(trailers) == want
+
+
+def test_reset_status():
+    assert [fr.reset_status(c) for c in (fr.H2Error.CANCEL, fr.H2Error.REFUSED_STREAM,
+                                         fr.H2Error.INTERNAL_ERROR, 0)] == \
+        [Status.CANCELLED, Status.UNAVAILABLE, Status.INTERNAL, Status.INTERNAL]

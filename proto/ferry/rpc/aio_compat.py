@@ -25,11 +25,10 @@ import grpc
 from ferry.rpc.call import GrpcError, RequestStream, ServerCall, StreamingRequests
 from ferry.rpc.server import GrpcServer
 
-_Details = namedtuple("_Details", ("method", "invocation_metadata"))
 
-
-class _Details(_Details, grpc.HandlerCallDetails):
-    pass
+class _Details(namedtuple("_Details", ("method", "invocation_metadata")),
+               grpc.HandlerCallDetails):
+    """What a generic handler's ``service()`` is asked about."""
 
 
 class Context:

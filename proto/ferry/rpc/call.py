@@ -67,8 +67,10 @@ class ServerCall:
         """Seconds to the deadline (None: no deadline)."""
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    async def write(self, message: bytes) -> None:
-        """Send one serialized response message (module docstring)."""
+    async def write(self, message) -> None:
+        """Send one serialized response message (module docstring): bytes, or a list of
+        buffers whose concatenation it is; a large one that fits the peer's windows goes to
+        the socket gathered, without being joined or copied."""
         await self._conn.write_message(self._stream, message)
 
 

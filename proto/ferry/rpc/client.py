@@ -59,13 +59,6 @@ KEEPALIVE_TIMEOUT_S = 10.0
 _PING = b"ferry-ka"
 
 
-def _request_headers(authority: str, path: str) -> bytes:
-    return (b"\x83\x86"  # :method POST, :scheme http (static table 3 and 6)
-            + fr.literal(b":path", path.encode()) + fr.literal(b":authority", authority.encode())
-            + fr.literal(b"content-type", b"application/grpc")
-            + fr.literal(b"te", b"trailers"))
-
-
 class BidiCall(Receiver, asyncio.Protocol):
     def __init__(self, target: str, method: str, request_serializer: Callable[[Any], bytes],
                  response_deserializer: Callable[[bytes], Any], *,
@@ -86,7 +79,7 @@ class BidiCall(Receiver, asyncio.Protocol):
         self._last_rx = 0.0
         self._ping_sent_at: float | None = None
         self._host, self._port = host.strip("[]"), int(port)
-        self._headers = _request_headers(target, method)
+        self._headers = fr.request_headers(target, method)
         self._serialize = request_serializer
         self._deserialize = response_deserializer
         self.transport: asyncio.Transport | None = None

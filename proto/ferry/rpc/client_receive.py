@@ -8,7 +8,6 @@ protocol).
 from __future__ import annotations
 
 import struct
-from urllib.parse import unquote
 
 import grpc
 
@@ -18,15 +17,11 @@ from ferry.rpc.frames import H2Error
 SID = 1  # the call's stream: the only one on its connection
 RECV_WINDOW = 16 << 20  # what the client announces, per stream and per connection
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
-_RST_STATUS = {H2Error.CANCEL: grpc.StatusCode.CANCELLED,
-               H2Error.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
-_HTTP_STATUS = {"400": grpc.StatusCode.INTERNAL, "401": grpc.StatusCode.UNAUTHENTICATED,
-                "403": grpc.StatusCode.PERMISSION_DENIED, "404": grpc.StatusCode.UNIMPLEMENTED,
-                "429": grpc.StatusCode.UNAVAILABLE, "502": grpc.StatusCode.UNAVAILABLE,
-                "503": grpc.StatusCode.UNAVAILABLE, "504": grpc.StatusCode.UNAVAILABLE}
 
 
-def error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+def error(code: grpc.StatusCode | int, details: str) -> grpc.aio.AioRpcError:
+    if not isinstance(code, grpc.StatusCode):
+        code = _STATUS.get(int(code), grpc.StatusCode.UNKNOWN)
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
@@ -59,8 +54,8 @@ class Receiver:
                 self.transport.write(fr.frame(fr.PING, fr.ACK, 0, payload))
             elif ftype == fr.RST_STREAM and sid == SID:
                 code = int.from_bytes(payload[:4], "big")
-                self._finish(error(_RST_STATUS.get(code, grpc.StatusCode.INTERNAL),
-                                    f"the server reset the call (HTTP/2 error {code})"))
+                self._finish(error(fr.reset_status(code),
+                                   f"the server reset the call (HTTP/2 error {code})"))
             elif ftype == fr.GOAWAY and len(payload) >= 8:
                 last, code = struct.unpack_from(">II", payload)
                 if (last & 0x7FFFFFFF) < SID or code != H2Error.NO_ERROR:
@@ -119,7 +114,11 @@ class Receiver:
 
     def _on_headers(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if ftype == fr.HEADERS:
-            self._cont = bytearray(fr.header_fragment(flags, payload))
+            try:
+                self._cont = bytearray(fr.header_fragment(flags, payload))
+            except ValueError as e:
+                self._fail(H2Error.PROTOCOL_ERROR, str(e))
+                return
             self._cont_end = bool(flags & fr.END_STREAM)
         elif self._cont is None:
             self._fail(H2Error.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
@@ -140,22 +139,11 @@ class Receiver:
             self._headers_seen = True
             status = headers.get(":status")
             if status != "200":
-                code = _HTTP_STATUS.get(status, grpc.StatusCode.UNKNOWN)
-                self._finish(error(code, f"the server answered HTTP {status}"))
+                self._finish(error(fr.http_status(status), f"the server answered HTTP {status}"))
                 return
         if self._cont_end:
-            self._end_with(headers)
-
-    def _end_with(self, trailers: dict) -> None:
-        raw = trailers.get("grpc-status")
-        if raw is None or not raw.isdigit():
-            self._finish(error(grpc.StatusCode.UNKNOWN, "the call ended without grpc-status"))
-            return
-        code = _STATUS.get(int(raw), grpc.StatusCode.UNKNOWN)
-        if code is grpc.StatusCode.OK:
-            self._finish(grpc.aio.EOF)
-        else:
-            self._finish(error(code, unquote(trailers.get("grpc-message", ""))))
+            status, message = fr.call_status(headers)
+            self._finish(grpc.aio.EOF if status == fr.Status.OK else error(status, message))
 
     def _on_settings(self, payload: bytes) -> None:
         for key, value in fr.parse_settings(payload[:len(payload) - len(payload) % 6]):

@@ -8,8 +8,10 @@ Protocol, as this side implements it (RFC 9113, h2c with prior knowledge, no TLS
   INITIAL_WINDOW_SIZE (to open streams too) and MAX_FRAME_SIZE; it answers PINGs.
 - A call is a client stream: HEADERS (+ CONTINUATION) with ``:method POST``, ``:path``,
   ``content-type application/grpc...``, optional ``grpc-timeout`` / ``grpc-encoding``; then
-  DATA with exactly one length-prefixed request message; END_STREAM. The handler runs once
-  END_STREAM came (handlers take one request message; see call.py). Answers before that:
+  DATA with length-prefixed request messages; END_STREAM. A unary-request handler runs once
+  END_STREAM came, with the one message; a request-streaming one (StreamingRequests) from the
+  headers on, each message handed to it as it completes (request_messages.py; see call.py).
+  Answers before that:
   unknown method UNIMPLEMENTED, an unsupported ``grpc-encoding`` UNIMPLEMENTED, a malformed
   ``grpc-timeout`` INTERNAL, a request over the size limit RESOURCE_EXHAUSTED, a request
   with no message or more than one INTERNAL; a non-POST request gets HTTP 405 and a
@@ -169,18 +171,15 @@ class H2Connection(RequestMessages, Responder, asyncio.Protocol):
         if sid == 0:
             self._fail(H2Error.PROTOCOL_ERROR, "HEADERS on stream 0")
             return
-        pos, end = 0, len(payload)
-        if flags & fr.PADDED:
-            pos, end = 1, end - (payload[0] if payload else 0)
-        if flags & fr.PRIORITY_FLAG:
-            pos += 5
-        if end < pos:
-            self._fail(H2Error.PROTOCOL_ERROR, "HEADERS padding exceeds the frame")
+        try:
+            fragment = fr.header_fragment(flags, payload)
+        except ValueError as e:
+            self._fail(H2Error.PROTOCOL_ERROR, str(e))
             return
         if flags & fr.END_HEADERS:
-            self._on_header_block(sid, flags, payload[pos:end])
+            self._on_header_block(sid, flags, fragment)
         else:
-            self._cont = (sid, flags, bytearray(payload[pos:end]))
+            self._cont = (sid, flags, bytearray(fragment))
 
     def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
         if self._cont is None or self._cont[0] != sid:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import socket
 import struct
+from urllib.parse import unquote
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = struct.Struct(">I B I")
@@ -112,12 +113,15 @@ def read_frames(buf: bytearray) -> tuple[list[tuple[int, int, int, bytes]], int,
 
 
 def header_fragment(flags: int, payload: bytes) -> bytes:
-    """A HEADERS frame's header block fragment: its payload without padding and priority."""
+    """A HEADERS frame's header block fragment: its payload without padding and priority
+    (ValueError when the padding does not fit the frame)."""
     pos, end = 0, len(payload)
-    if flags & PADDED and payload:
-        pos, end = 1, end - payload[0]
+    if flags & PADDED:
+        pos, end = 1, end - (payload[0] if payload else 0)
     if flags & PRIORITY_FLAG:
         pos += 5
+    if end < pos:
+        raise ValueError("HEADERS padding exceeds the frame")
     return payload[pos:end]
 
 
@@ -228,6 +232,45 @@ def set_nodelay(transport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# ---------------------------------------------------------------------- gRPC, client side
+
+def request_headers(authority: str, path: str) -> bytes:
+    """The header block of a gRPC call (literals, no encoder state)."""
+    return (b"\x83\x86"  # :method POST, :scheme http (static table 3 and 6)
+            + literal(b":path", path.encode()) + literal(b":authority", authority.encode())
+            + literal(b"content-type", b"application/grpc") + literal(b"te", b"trailers"))
+
+
+# The status a gRPC client gives a response that is not HTTP 200, as grpc maps them.
+_HTTP_TO_STATUS = {"400": Status.INTERNAL, "401": Status.UNAUTHENTICATED,
+                   "403": Status.PERMISSION_DENIED, "404": Status.UNIMPLEMENTED,
+                   "429": Status.UNAVAILABLE, "502": Status.UNAVAILABLE,
+                   "503": Status.UNAVAILABLE, "504": Status.UNAVAILABLE}
+
+
+def http_status(status: str | None) -> Status:
+    """The gRPC status of a response whose ``:status`` is not 200 (others: UNKNOWN)."""
+    return _HTTP_TO_STATUS.get(status, Status.UNKNOWN)
+
+
+def call_status(trailers: dict) -> tuple[Status, str]:
+    """A call's end from its trailers: (status, message); no valid grpc-status is UNKNOWN."""
+    raw = trailers.get("grpc-status")
+    if raw is None or not raw.isdigit():
+        return Status.UNKNOWN, "the call ended without grpc-status"
+    try:
+        status = Status(int(raw))
+    except ValueError:
+        status = Status.UNKNOWN
+    return status, unquote(trailers.get("grpc-message", ""))
+
+
+def reset_status(code: int) -> Status:
+    """The status of a call its server reset with RST_STREAM ``code``."""
+    return Status.CANCELLED if code == H2Error.CANCEL else \
+        Status.UNAVAILABLE if code == H2Error.REFUSED_STREAM else Status.INTERNAL
 
 
 # ---------------------------------------------------------------------- gRPC request headers

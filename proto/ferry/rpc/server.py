@@ -1,6 +1,7 @@
-"""A gRPC server on asyncio, for methods that take one request message (unary and
-server-streaming): HTTP/2 and the gRPC wire format implemented here (connection.py), handlers
-as in call.py.
+"""A gRPC server on asyncio: HTTP/2 and the gRPC wire format implemented here (connection.py),
+handlers as in call.py (one request message: unary and server-streaming; a stream of them:
+:class:`~ferry.rpc.call.StreamingRequests`). grpc.aio servicers run on it through
+aio_compat.py.
 
 Why not grpc.aio: each operation of a grpc.aio call (accept, read the request, every message,
 the status) completes on grpc's own poller thread and wakes the event loop through a socket;
@@ -8,7 +9,7 @@ at 1,000 calls/s that costs ~0.4 ms of CPU per call, several times what the call
 costs. Here a call is parsed, run and answered on the event loop itself (~0.09 ms of CPU a
 call for the same two-message stream; benchmarks/serve_overhead.py). It is plain-text HTTP/2
 (h2c, prior knowledge) as every gRPC client speaks it with insecure channel credentials; TLS
-and client-streaming methods are not offered. Standard clients (grpcio, grpc.aio, the
+is not offered. Standard clients (grpcio, grpc.aio, the
 generated stubs) call it as any gRPC server.
 
 Use::
