@@ -125,3 +125,30 @@ def test_a_message_given_as_buffers_arrives_as_their_concatenation():
         finally:
             await server.stop(0)
     run(main())
+
+
+def test_a_bad_header_block_is_internal():
+    """A holder sending a header block HPACK cannot decode ends the pull INTERNAL, a status
+    the puller's caller maps (not a raw decoding error)."""
+    from ferry.rpc import frames as fr
+
+    async def main():
+        async def answer(reader, writer):
+            await reader.read(65536)  # the preface, settings and the call
+            writer.write(fr.frame(fr.SETTINGS, 0, 0)
+                         + fr.frame(fr.HEADERS, fr.END_HEADERS | fr.END_STREAM, 1,
+                                    b"\xff\xff\xff\xff"))
+            await writer.drain()
+            await reader.read(65536)
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(RpcStatus) as info:
+                await pull_stream(f"127.0.0.1:{port}", PATH, b"go", lambda m: None)
+            assert info.value.code == "INTERNAL"
+            assert info.value.message.startswith("a bad header block from the holder")
+        finally:
+            server.close()
+    run(main())
